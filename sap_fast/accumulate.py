@@ -1,0 +1,163 @@
+"""Stage 2: stream every covered layer's input rows into its Gram, never holding all of R.
+
+A layer input becomes rows in chunks of at most ``chunk_rows`` rows (samples, and for a huge
+single sample, slices of its output positions), each copied once straight into the accumulation
+dtype and added to the record. Peak memory is the Grams plus one chunk, whatever the number of
+samples or the spatial size.
+
+Conv rows are the patches the conv really sees: the input is padded exactly as the layer pads it
+(``padding_mode`` and ``'same'`` included), then unfolded with ``Tensor.unfold`` per spatial
+dimension, so Conv1d/2d/3d, stride, dilation and groups share one code path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .forward import forward_batches, resolve_device
+from .layers import CONV_TYPES, Target, select_targets
+from .capture import Capture
+from .stats import LayerStats, Stats
+
+CHUNK_ELEMENTS = 1 << 23  # default chunk: 8M elements (64 MB in float64)
+INPUT_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def conv_padding(conv: nn.Module) -> list:
+    """The ``F.pad`` amounts (last dim first) that the conv applies to its input."""
+    pads = []
+    for i in reversed(range(len(conv.kernel_size))):
+        k, dil = conv.kernel_size[i], conv.dilation[i]
+        if conv.padding == "same":
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+        elif conv.padding == "valid":
+            pads += [0, 0]
+        else:
+            pads += [conv.padding[i]] * 2
+    return pads
+
+
+def conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A view ``(N, C, *out, *kernel)`` of every patch the conv reads (only the padding copies)."""
+    spatial = len(conv.kernel_size)
+    if x.dim() == spatial + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    pads = conv_padding(conv)
+    if any(pads):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    for i in range(spatial):
+        k, dil, step = conv.kernel_size[i], conv.dilation[i], conv.stride[i]
+        x = x.unfold(2 + i, dil * (k - 1) + 1, step)  # appends the window as the last dim
+        if dil > 1:
+            x = x[..., ::dil]
+    return x
+
+
+def _round_inputs(chunk: torch.Tensor, precision: str) -> torch.Tensor:
+    """Emulate tensor-core input formats: round fp32 to TF32 (10-bit) or BF16 (7-bit) mantissas."""
+    if precision == "bf16":
+        return chunk.to(torch.bfloat16).to(torch.float32)
+    if precision == "tf32":  # round-to-nearest-even on the 13 dropped mantissa bits
+        bits = chunk.to(torch.float32).contiguous().view(torch.int32)
+        bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+        return bits.view(torch.float32)
+    return chunk
+
+
+def conv_row_chunks(conv: nn.Module, x: torch.Tensor, groups: int, d: int, max_rows: int,
+                    dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """``(groups, m, d)`` row blocks of the conv's patch matrix, ``m <= max_rows`` where possible."""
+    patches = conv_patches(conv, x)
+    n, c = patches.shape[:2]
+    spatial = len(conv.kernel_size)
+    out = patches.shape[2:2 + spatial]
+    per_sample = math.prod(out)
+    if per_sample <= max_rows:  # whole samples per chunk
+        step = max_rows // per_sample
+        steps = [(s, min(n, s + step), 0, out[0]) for s in range(0, n, step)]
+    else:  # an oversized sample: slices of its first output dim (at least one slice per chunk)
+        step = max(1, max_rows // math.prod(out[1:]))
+        steps = [(s, s + 1, a, min(out[0], a + step)) for s in range(n) for a in range(0, out[0], step)]
+    # (N, g, C/g, *out, *k) → (g, N, *out, C/g, *k): rows are (sample, position), columns (channel, offset)
+    order = [1, 0] + list(range(3, 3 + spatial)) + [2] + list(range(3 + spatial, 3 + 2 * spatial))
+    for s0, s1, a0, a1 in steps:
+        block = patches[s0:s1, :, a0:a1].unflatten(1, (groups, c // groups)).permute(order)
+        chunk = torch.empty(block.shape, dtype=dtype, device=x.device)
+        chunk.copy_(block)  # the one copy: gather + convert
+        yield chunk.view(groups, -1, d)
+
+
+def linear_row_chunks(x: torch.Tensor, d: int, max_rows: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    rows = x.reshape(-1, d)
+    for start in range(0, rows.shape[0], max_rows):
+        yield rows[start:start + max_rows].to(dtype).unsqueeze(0)
+
+
+def row_chunks(target: Target, module: nn.Module, x: torch.Tensor, max_rows: int,
+               dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Dispatch point of the accumulate stage: the rows of one layer call, chunked."""
+    if isinstance(module, CONV_TYPES):
+        return conv_row_chunks(module, x, target.groups, target.d, max_rows, dtype)
+    return linear_row_chunks(x, target.d, max_rows, dtype)
+
+
+def collect_stats(model: nn.Module, data, *, layers=None, batch_size: int = 256, device=None,
+                  dtype: torch.dtype = torch.float64, chunk_rows: Optional[int] = None,
+                  input_precision: str = "fp32", show_progress: Optional[bool] = None) -> Stats:
+    """Streamed Gram of every covered layer's input over ``data`` (the trusted samples).
+
+    Args:
+        model: the trained model; it is run in eval mode (its flags are restored) and not changed.
+        data: inputs — a tensor, an (inputs, targets) pair, a Dataset or a DataLoader.
+        layers: which layers (None = all covered; names, module types, or ``predicate(name, module)``).
+        batch_size: samples per forward pass (when ``data`` does not batch itself).
+        device: must be the model's device if given; batches are moved there.
+        dtype: accumulation dtype, ``torch.float64`` (default: exact products of fp32 inputs) or
+            ``torch.float32`` (faster, loses small eigenvalues at large α; see benchmarks/README.md).
+        chunk_rows: rows per accumulation chunk (default: 8M elements per chunk). Does not change
+            the result, only peak memory.
+        input_precision: ``"fp32"`` (as is), or ``"tf32"``/``"bf16"`` to emulate tensor-core input
+            rounding (for precision studies).
+        show_progress: progress bar: None = on interactive terminals.
+
+    Returns:
+        :class:`Stats`, one record per target, in forward order.
+    """
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    targets = select_targets(model, layers)
+    dev = resolve_device(model, device)
+    records: Dict[str, LayerStats] = {}
+
+    def sink(target: Target, module: nn.Module, x: torch.Tensor) -> None:
+        record = records.get(target.name)
+        if record is None:
+            record = records[target.name] = LayerStats(target.d, target.groups, dtype, x.device)
+        max_rows = chunk_rows or max(1, CHUNK_ELEMENTS // (target.d * target.groups))
+        for chunk in row_chunks(target, module, x.detach(), max_rows, dtype):
+            if input_precision != "fp32":
+                chunk = _round_inputs(chunk, input_precision).to(dtype)
+            record.add(chunk)
+
+    samples = 0
+    with Capture(model, targets, sink):
+        for x, _, _ in forward_batches(model, data, batch_size=batch_size, device=dev,
+                                       what="data", desc="statistics", show_progress=show_progress):
+            samples += x.shape[0]
+    if not records:
+        raise ValueError("no covered layer ran during the forward pass; check layers= and the model")
+    for name, record in records.items():  # forward order: the first bad layer is the culprit
+        if not record.is_finite():
+            raise ValueError(f"non-finite activations (NaN/Inf) reach layer '{name}'; check the "
+                             "inputs and the layers before it")
+    return Stats(records, samples)

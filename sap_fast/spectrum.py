@@ -1,0 +1,71 @@
+"""Stage 3: the spectrum of every layer's Gram, once; every α reuses it.
+
+``G = U diag(e) Uᵀ`` (symmetric eigendecomposition), or, for a record that kept its rows
+(fewer rows than width), the thin SVD ``R = P diag(σ) Uᵀ`` with ``e = σ²`` and a thin ``U``.
+Normalised energies ``s = e / Σe`` and importances ``λ = α s / ((α − 1) s + 1)`` follow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional
+
+import torch
+
+from .stats import LayerStats, Stats
+
+
+@dataclass
+class LayerSpectrum:
+    """``eigvals`` ``(groups, r)`` (≥ 0, descending) and ``basis`` ``(groups, d, r)``.
+
+    ``r == d`` for a Gram (full orthonormal basis); ``r == rows < d`` for a thin record, whose
+    basis spans only the rows: directions outside it get λ = 0.
+    """
+    eigvals: torch.Tensor
+    basis: torch.Tensor
+
+    @property
+    def full(self) -> bool:
+        return self.basis.shape[-1] == self.basis.shape[-2]
+
+    @property
+    def energies(self) -> torch.Tensor:
+        """``s = e / Σe`` per group; an all-zero input (no energy) gives s = 0."""
+        total = self.eigvals.sum(-1, keepdim=True)
+        return torch.where(total > 0, self.eigvals / total.clamp_min(torch.finfo(total.dtype).tiny),
+                           torch.zeros_like(self.eigvals))
+
+
+def importance(s: torch.Tensor, alpha: float) -> torch.Tensor:
+    """λ = α s / ((α − 1) s + 1): ≈ 1 where s ≫ 1/α, ≈ α s where s ≪ 1/α."""
+    return alpha * s / ((alpha - 1.0) * s + 1.0)
+
+
+def layer_spectrum(record: LayerStats) -> LayerSpectrum:
+    """Dispatch point of the spectrum stage (portable path: torch.linalg)."""
+    if record.mode == "rows":
+        _, sigma, vh = torch.linalg.svd(record.rows, full_matrices=False)
+        return LayerSpectrum(sigma.square(), vh.transpose(-1, -2))
+    gram = record.gram
+    gram = (gram + gram.transpose(-1, -2)) / 2  # exact symmetry; eigh reads one triangle anyway
+    eigvals, basis = torch.linalg.eigh(gram)
+    # descending order like the SVD; round-off can leave tiny negatives: they carry no energy
+    return LayerSpectrum(eigvals.flip(-1).clamp_min(0), basis.flip(-1))
+
+
+def spectra(stats: Stats, names: Optional[Iterable[str]] = None) -> Dict[str, LayerSpectrum]:
+    """Spectra of the named records; records with identical statistics (the q/k/v of a
+    self-attention layer) share one decomposition."""
+    out: Dict[str, LayerSpectrum] = {}
+    done = []  # (record, spectrum) already decomposed
+    for name in (stats if names is None else names):
+        record = stats[name]
+        for seen, spec in done:
+            if (seen.mode, seen.count, seen.d, seen.groups) == (record.mode, record.count, record.d, record.groups) \
+                    and record.mode == "gram" and torch.equal(seen.gram, record.gram):
+                out[name] = spec
+                break
+        else:
+            out[name] = layer_spectrum(record)
+            done.append((record, out[name]))
+    return out

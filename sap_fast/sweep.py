@@ -1,0 +1,133 @@
+"""Stage 5: choose α on a validation split — one Gram and one spectrum per layer, then one cheap
+update and one evaluation per α, with "no projection" as a candidate.
+
+Selection: a candidate replaces the best so far only if it is strictly better, on validation
+accuracy first and validation loss second (the reference compares accuracy alone; the loss
+tie-break matters on small validation sets where accuracies tie). The unprojected model comes
+first, so it is kept unless beaten.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .evaluate import Evaluation, evaluate
+from .forward import check_alpha, check_batch_size, progress
+from .project import Projector, _stats_for, targets_with_stats
+from .stats import Stats
+
+DEFAULT_ALPHAS = tuple(10.0 ** (e / 2) for e in range(2, 13))  # 1e1 … 1e6 in half-decades
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+@dataclass
+class SweepRow:
+    alpha: Optional[float]   # None = no projection
+    val_accuracy: float
+    val_loss: float
+    refined: bool = False    # found by alphas="auto" refinement
+
+
+@dataclass
+class SweepResult:
+    best_alpha: Optional[float]   # None when no α beat the unprojected model
+    model: nn.Module              # the corrected copy at best_alpha
+    table: List[SweepRow]
+    stats: Stats = field(repr=False)
+
+    @property
+    def best(self) -> SweepRow:
+        return next(r for r in self.table if r.alpha == self.best_alpha)
+
+    def to_markdown(self) -> str:
+        lines = ["| α | val accuracy | val loss |", "|---:|---:|---:|"]
+        for r in self.table:
+            a = "no projection" if r.alpha is None else f"{r.alpha:.3g}" + (" (refined)" if r.refined else "")
+            mark = " **best**" if r.alpha == self.best_alpha else ""
+            lines.append(f"| {a}{mark} | {100 * r.val_accuracy:.2f}% | {r.val_loss:.4f} |")
+        return "\n".join(lines)
+
+
+def _key(e: Evaluation):
+    return (e.accuracy, -e.loss)
+
+
+def _check_alphas(alphas) -> tuple:
+    if alphas is None or alphas == "auto":
+        return DEFAULT_ALPHAS
+    if isinstance(alphas, str):
+        raise ValueError(f"alphas must be None, 'auto' or a list of numbers > 0, got {alphas!r}")
+    alphas = tuple(check_alpha(a, "each of alphas") for a in alphas)
+    if not alphas:
+        raise ValueError("alphas is empty; pass numbers > 0, None (the default grid) or 'auto'")
+    return alphas
+
+
+def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = None,
+          layers=None, batch_size: int = 256, device=None, refine_steps: int = 8,
+          show_progress: Optional[bool] = None) -> SweepResult:
+    """Pick α on the (noisy) validation split ``val``.
+
+    Args:
+        model: the trained model; never modified.
+        data: the trusted inputs (or pass ``stats``).
+        val: labelled validation data (an (inputs, targets) pair, Dataset or DataLoader).
+        alphas: None = 1e1 … 1e6 in half-decades; a list of α; or ``"auto"``: the default grid,
+            then a golden-section refinement on log α around the best grid point.
+        stats: precomputed :class:`Stats`; layers, batch_size, device: as in :func:`correct`.
+        refine_steps: evaluations spent by ``"auto"`` refinement.
+
+    Returns:
+        :class:`SweepResult` with the best α (None = no projection won), the corrected copy at
+        that α, and the table of every candidate's validation accuracy and loss.
+    """
+    grid = _check_alphas(alphas)
+    check_batch_size(batch_size)
+    stats = _stats_for(model, data, stats, layers, batch_size, device)
+    targets = targets_with_stats(model, layers, stats)
+    projector = Projector(model, targets, stats)
+    work = copy.deepcopy(model)
+    table: List[SweepRow] = []
+    scores = {}
+
+    def score(alpha: Optional[float], refined: bool = False):
+        projector.apply(work, alpha)
+        e = evaluate(work, val, batch_size=batch_size, device=device, what="val", show_progress=False)
+        table.append(SweepRow(alpha, e.accuracy, e.loss, refined))
+        scores[alpha] = _key(e)
+        return scores[alpha]
+
+    best = None  # the unprojected model is scored first and kept unless strictly beaten
+    for alpha in progress([None, *grid], desc="α sweep", enabled=show_progress):
+        if score(alpha) > scores[best]:
+            best = alpha
+    if alphas == "auto" and best is not None:
+        best = _refine(score, scores, best, refine_steps)
+    projector.apply(work, best)
+    return SweepResult(best, work, table, stats)
+
+
+def _refine(score, scores, best: float, steps: int) -> float:
+    """Golden-section search for the best key on log10 α within half a decade of ``best``."""
+    lo, hi = math.log10(best) - 0.5, math.log10(best) + 0.5
+    a = hi - GOLDEN * (hi - lo)
+    b = lo + GOLDEN * (hi - lo)
+    fa, fb = score(10 ** a, True), score(10 ** b, True)
+    for _ in range(max(0, steps - 2)):
+        if fa >= fb:
+            hi, b, fb = b, a, fa
+            a = hi - GOLDEN * (hi - lo)
+            fa = score(10 ** a, True)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + GOLDEN * (hi - lo)
+            fb = score(10 ** b, True)
+    for alpha, key in scores.items():  # strictly better than the grid's best, else keep it
+        if alpha is not None and key > scores[best]:
+            best = alpha
+    return best

@@ -1,0 +1,106 @@
+"""Shared test support: small models covering every layer kind (float64 unless asked otherwise)
+and comparison helpers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Tokens(nn.Module):
+    """Linear on (B, T, d) token inputs, a module called twice, and a classifier."""
+
+    def __init__(self, d=6, t=5, classes=3):
+        super().__init__()
+        self.embed = nn.Linear(d, 8)
+        self.mix = nn.Linear(8, 8)      # called twice per forward
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.embed(x))
+        h = torch.tanh(self.mix(h)) + self.mix(h * 0.5)
+        return self.head(h.mean(1))
+
+
+class Attention(nn.Module):
+    """Self-attention (and optionally cross-attention with kdim/vdim) around an MLP."""
+
+    def __init__(self, e=8, heads=2, batch_first=True, cross=False, classes=3):
+        super().__init__()
+        self.batch_first, self.cross = batch_first, cross
+        self.inp = nn.Linear(5, e)
+        self.attn = nn.MultiheadAttention(e, heads, batch_first=batch_first)
+        if cross:
+            self.memory = nn.Linear(5, 6)
+            self.xattn = nn.MultiheadAttention(e, heads, kdim=6, vdim=6, batch_first=batch_first)
+        self.head = nn.Linear(e, classes)
+
+    def forward(self, x):  # x: (B, T, 5)
+        h = self.inp(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        if self.cross:
+            m = self.memory(x)
+            if not self.batch_first:
+                m = m.transpose(0, 1)
+            h = h + self.xattn(h, m, m)[0]
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+def conv_net(dim: int, conv_kwargs: dict, c_in=4, c_out=4, classes=3):
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim](c_in, c_out, **conv_kwargs)
+    pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dim](1)
+    return nn.Sequential(conv, nn.ReLU(), pool, nn.Flatten(), nn.Linear(c_out, classes))
+
+
+CONV_CASES = {  # name: (dim, kwargs, spatial size)
+    "1d-stride2-pad1": (1, dict(kernel_size=3, stride=2, padding=1), (11,)),
+    "1d-same-even-dil": (1, dict(kernel_size=4, padding="same", dilation=2), (9,)),
+    "2d-nonsquare-stride-dil": (2, dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), (9, 8)),
+    "2d-same-even": (2, dict(kernel_size=(4, 3), padding="same"), (7, 6)),
+    "2d-valid": (2, dict(kernel_size=3, padding="valid"), (6, 5)),
+    "2d-groups2": (2, dict(kernel_size=3, padding=1, groups=2), (6, 6)),
+    "2d-depthwise": (2, dict(kernel_size=3, padding=1, stride=2, groups=4), (7, 7)),
+    "2d-reflect": (2, dict(kernel_size=3, padding=2, padding_mode="reflect"), (6, 7)),
+    "2d-replicate": (2, dict(kernel_size=3, padding=1, padding_mode="replicate", dilation=2), (7, 6)),
+    "2d-circular": (2, dict(kernel_size=(2, 3), padding=(1, 1), padding_mode="circular"), (5, 6)),
+    "3d-stride-groups": (3, dict(kernel_size=(2, 3, 2), stride=(1, 2, 1), padding=1, groups=2), (4, 5, 4)),
+    "3d-dil-reflect": (3, dict(kernel_size=2, dilation=2, padding=1, padding_mode="reflect"), (4, 4, 5)),
+}
+
+
+def conv_case(name: str, batch: int, seed: int):
+    dim, kwargs, size = CONV_CASES[name]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = conv_net(dim, kwargs).double()
+    x = torch.randn(batch, 4, *size, generator=g, dtype=torch.float64)
+    return model, x
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error of ``a`` against the reference ``b``."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def max_weight_rel_err(fast, ref) -> float:
+    """Largest relative error over every parameter of two models of the same architecture."""
+    pf, pr = dict(fast.named_parameters()), dict(ref.named_parameters())
+    assert pf.keys() == pr.keys()
+    return max(rel_err(pf[k].detach(), pr[k].detach()) for k in pr)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, \
+        [m.training for m in model.modules()]
+
+
+def assert_unchanged(model, snap):
+    state, flags = snap
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k in state:
+        assert torch.equal(now[k], state[k]), f"caller's model changed: {k}"
+    assert [m.training for m in model.modules()] == flags, "caller's train/eval flags changed"
