@@ -42,11 +42,15 @@ def importance(s: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def layer_spectrum(record: LayerStats) -> LayerSpectrum:
-    """Dispatch point of the spectrum stage (portable path: torch.linalg)."""
+    """Dispatch point of the spectrum stage (portable path: torch.linalg, always float64).
+
+    A float32 Gram is decomposed in float64 too: its rounding is already done, but a float32
+    ``eigh`` would add 10-30x more error on the small eigenvalues that large α depends on.
+    """
     if record.mode == "rows":
-        _, sigma, vh = torch.linalg.svd(record.rows, full_matrices=False)
+        _, sigma, vh = torch.linalg.svd(record.rows.double(), full_matrices=False)
         return LayerSpectrum(sigma.square(), vh.transpose(-1, -2))
-    gram = record.gram
+    gram = record.gram.double()
     gram = (gram + gram.transpose(-1, -2)) / 2  # exact symmetry; eigh reads one triangle anyway
     eigvals, basis = torch.linalg.eigh(gram)
     # descending order like the SVD; round-off can leave tiny negatives: they carry no energy

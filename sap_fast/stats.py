@@ -54,9 +54,14 @@ class LayerStats:
         """The kept rows ``(groups, count, d)``; only in ``"rows"`` mode."""
         if self._gram is not None:
             raise ValueError("this record holds a Gram, not rows (it saw more rows than its width)")
-        if len(self._chunks) != 1:
-            empty = torch.zeros(self.groups, 0, self.d, dtype=self.dtype, device=self.device)
-            self._chunks = [torch.cat(self._chunks, dim=1) if self._chunks else empty]
+        if len(self._chunks) != 1:  # consolidate, releasing each chunk as it is copied
+            out = torch.empty(self.groups, self.count, self.d, dtype=self.dtype, device=self.device)
+            start, chunks, self._chunks = 0, self._chunks, []
+            while chunks:
+                block = chunks.pop(0)
+                out[:, start:start + block.shape[1]] = block
+                start += block.shape[1]
+            self._chunks = [out]
         return self._chunks[0]
 
     @property
@@ -68,8 +73,8 @@ class LayerStats:
         return r.transpose(1, 2) @ r
 
     def is_finite(self) -> bool:
-        data = self._gram if self._gram is not None else self.rows
-        return bool(torch.isfinite(data).all())
+        blocks = [self._gram] if self._gram is not None else self._chunks
+        return all(bool(torch.isfinite(b).all()) for b in blocks)
 
     # -- combining ----------------------------------------------------------------------------
     def _compatible(self, other: "LayerStats", name: str) -> None:

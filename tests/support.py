@@ -82,7 +82,8 @@ def conv_case(name: str, batch: int, seed: int):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative Frobenius error of ``a`` against the reference ``b``."""
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def max_weight_rel_err(fast, ref) -> float:
