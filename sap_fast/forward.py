@@ -6,6 +6,7 @@ Every stage that runs the model (scoring, statistics, evaluation) goes through
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from typing import Iterator, List, Optional, Tuple
 
@@ -21,9 +22,8 @@ except ImportError:  # tqdm is a dependency, but a missing progress bar must not
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def resolve_device(model: nn.Module, device=None) -> torch.device:

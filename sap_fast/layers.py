@@ -86,8 +86,6 @@ def all_targets(model: nn.Module) -> List[Target]:
     return found
 
 
-
-
 def select_targets(model: nn.Module, layers=None) -> List[Target]:
     """Resolve ``layers=`` (None, names, module types, or a ``predicate(name, module)``)."""
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):

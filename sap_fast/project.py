@@ -92,6 +92,8 @@ def _stats_for(model, data, stats, layers, batch_size, device, what="data") -> S
         if data is None:
             raise ValueError("pass the trusted samples as data= or precomputed stats=")
         return collect_stats(model, data, layers=layers, batch_size=batch_size, device=device)
+    if data is not None:
+        raise ValueError("pass either the trusted samples (data=) or precomputed stats=, not both")
     if not isinstance(stats, Stats):
         raise TypeError(f"stats must be a sap_fast.Stats, got {type(stats).__name__}")
     resolve_device(model, device)

@@ -43,6 +43,7 @@ def _curvature_scores(model, data, batch_size, device, iters, h, seed, show_prog
     def grad_at(x, y):
         x = x.detach().requires_grad_(True)
         logits = classifier_logits(model(x))
+        check_targets(y, logits.shape[1], "data")
         loss = F.cross_entropy(logits, y, reduction="sum")  # per-sample gradients stay separate
         return torch.autograd.grad(loss, x)[0], logits.shape[1]
 
@@ -52,7 +53,6 @@ def _curvature_scores(model, data, batch_size, device, iters, h, seed, show_prog
                 continue
             x, y = x.to(device), y.to(device)
             g0, classes = grad_at(x, y)
-            check_targets(y, classes, "data")
             total = torch.zeros(x.shape[0], dtype=torch.float64)
             for _ in range(iters):
                 v = torch.randint(0, 2, x.shape, generator=gen).to(x) * 2 - 1

@@ -91,7 +91,9 @@ def test_missing_targets(setup):
 
 def test_targets_out_of_range(setup):
     model, x, y = setup
-    _raises(ValueError, r"targets must lie in \[0, 3\)", lambda: sap_fast.select_trusted(model, (x, y + 3), n=3), model)
+    for score in ("loss", "curvature"):
+        _raises(ValueError, r"targets must lie in \[0, 3\)",
+                lambda: sap_fast.select_trusted(model, (x, y + 3), n=3, score=score), model)
 
 
 def test_integer_inputs_to_float_model(setup):
@@ -121,6 +123,8 @@ def test_stats_from_another_model(setup):
     stats = sap_fast.collect_stats(other, torch.randn(3, 2, 6, 6))
     _raises(ValueError, r"stats for layer '0' have width 18", lambda: sap_fast.correct(model, stats=stats, alpha=1e3), model)
     _raises(ValueError, "pass the trusted samples", lambda: sap_fast.correct(model, alpha=1e3), model)
+    own = sap_fast.collect_stats(model, x)
+    _raises(ValueError, "not both", lambda: sap_fast.correct(model, x, stats=own, alpha=1e3), model)
 
 
 def test_bad_options(setup):
