@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .forward import progress
 from .noise import symmetric_noise
 
 __all__ = [
@@ -163,7 +164,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     n = x.shape[0]
     model.train()
-    for _ in range(epochs):
+    for _ in progress(range(epochs), desc="training (noisy labels)", total=epochs):
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             b = perm[start : start + batch_size]

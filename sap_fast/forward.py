@@ -96,12 +96,13 @@ def failing_layer_tracker(model: nn.Module):
             h.remove()
 
 
-def progress(iterable, *, desc: str, total: Optional[int] = None, enabled: Optional[bool] = None):
+def progress(iterable, *, desc: str, total: Optional[int] = None, enabled: Optional[bool] = None,
+             unit: str = "it"):
     """A tqdm bar on interactive terminals (``enabled=None``), on demand, or none."""
     if tqdm is None or enabled is False:
         return iterable
     return tqdm(iterable, desc=desc, total=total, disable=None if enabled is None else False,
-                leave=False, unit="batch")
+                leave=False, unit=unit)
 
 
 def forward_batches(model: nn.Module, data, *, batch_size: int, device: torch.device,
@@ -120,7 +121,7 @@ def forward_batches(model: nn.Module, data, *, batch_size: int, device: torch.de
     float_model = _float_model(model)
     with eval_mode(model), torch.no_grad(), failing_layer_tracker(model) as stack:
         for x, y in progress(batches(data, batch_size, what=what), desc=desc, total=total,
-                             enabled=show_progress):
+                             enabled=show_progress, unit="batch"):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"{what} yielded inputs of type {type(x).__name__}; expected tensors")
             if x.shape[:1] == (0,):

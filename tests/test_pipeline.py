@@ -270,3 +270,33 @@ def test_wide_layer_update_builds_no_d_by_d_matrix():
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     grown_mb = float(out.stdout.strip().splitlines()[-1])
     assert grown_mb < 300, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_input_rounding_emulates_tf32_and_bf16():
+    from sap_fast.accumulate import _round_inputs
+    g = torch.Generator().manual_seed(20)
+    x = torch.randn(4096, generator=g) * torch.logspace(-3, 3, 4096)
+    tf32 = _round_inputs(x, "tf32")
+    bits = tf32.view(torch.int32)
+    assert int((bits & 0x1FFF).abs().max()) == 0                       # 10 mantissa bits left
+    assert float(((tf32 - x).abs() / x.abs()).max()) <= 2.0 ** -11      # round to nearest
+    one = torch.tensor([1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -10])  # ties go to even
+    assert _round_inputs(one, "tf32").tolist() == [1.0, 1 + 2 ** -9, 1 + 2 ** -10]
+    bf16 = _round_inputs(x, "bf16")
+    assert torch.equal(bf16, x.to(torch.bfloat16).float())
+    assert torch.equal(_round_inputs(x, "fp32"), x)
+    # and collect_stats applies it: the Gram is exactly that of the rounded inputs
+    model = nn.Sequential(nn.Linear(8, 2))
+    inputs = torch.randn(50, 8, generator=g)
+    got = sap_fast.collect_stats(model, inputs, input_precision="tf32")["0"].gram[0]
+    r = _round_inputs(inputs, "tf32").double()
+    assert rel_err(got, r.T @ r) <= 1e-15
+    with pytest.raises(ValueError, match="input_precision must be one of"):
+        sap_fast.collect_stats(model, inputs, input_precision="fp8")
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not a sap_fast stats file"):
+        sap_fast.Stats.load(path)
