@@ -53,16 +53,20 @@ class SweepResult:
         return "\n".join(lines)
 
 
+def _is_auto(alphas) -> bool:
+    return isinstance(alphas, str) and alphas == "auto"
+
+
 def _key(e: Evaluation):
     return (e.accuracy, -e.loss)
 
 
 def _check_alphas(alphas) -> tuple:
-    if alphas is None or alphas == "auto":
+    if alphas is None or _is_auto(alphas):
         return DEFAULT_ALPHAS
     if isinstance(alphas, str):
         raise ValueError(f"alphas must be None, 'auto' or a list of numbers > 0, got {alphas!r}")
-    alphas = tuple(check_alpha(a, "each of alphas") for a in alphas)
+    alphas = tuple(check_alpha(float(a) if hasattr(a, "item") else a, "each of alphas") for a in alphas)
     if not alphas:
         raise ValueError("alphas is empty; pass numbers > 0, None (the default grid) or 'auto'")
     return alphas
@@ -88,6 +92,8 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
     """
     grid = _check_alphas(alphas)
     check_batch_size(batch_size)
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 2:
+        raise ValueError(f"refine_steps must be an int >= 2, got {refine_steps!r}")
     stats = _stats_for(model, data, stats, layers, batch_size, device)
     targets = targets_with_stats(model, layers, stats)
     projector = Projector(model, targets, stats)
@@ -106,7 +112,7 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
     for alpha in progress([None, *grid], desc="α sweep", enabled=show_progress):
         if score(alpha) > scores[best]:
             best = alpha
-    if alphas == "auto" and best is not None:
+    if _is_auto(alphas) and best is not None:
         best = _refine(score, scores, best, refine_steps)
     projector.apply(work, best)
     return SweepResult(best, work, table, stats)

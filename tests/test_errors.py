@@ -133,6 +133,9 @@ def test_bad_options(setup):
     _raises(ValueError, "batch_size must be a positive int", lambda: sap_fast.correct(model, x, batch_size=0), model)
     _raises(ValueError, "score must be one of", lambda: sap_fast.select_trusted(model, (x, y), n=3, score="entropy"), model)
     _raises(ValueError, "alphas must be None, 'auto'", lambda: sap_fast.sweep(model, x, (x, y), alphas="grid"), model)
+    _raises(ValueError, "alphas is empty", lambda: sap_fast.sweep(model, x, (x, y), alphas=[]), model)
+    _raises(ValueError, "refine_steps must be an int >= 2",
+            lambda: sap_fast.sweep(model, x, (x, y), alphas="auto", refine_steps=1), model)
     _raises(TypeError, "one-shot iterator", lambda: sap_fast.collect_stats(model, iter([x])), model)
     _raises(TypeError, "DataParallel", lambda: sap_fast.collect_stats(nn.DataParallel(model), x), model)
 

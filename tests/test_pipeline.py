@@ -251,6 +251,9 @@ def test_sweep_auto_refines_and_never_does_worse():
     if auto.best_alpha is not None:
         assert len(refined) == 6
     assert len(grid.table) == 4
+    import numpy as np  # array-valued grids work like lists
+    as_array = sap_fast.sweep(model, None, (x[200:], noisy[200:]), stats=stats, alphas=np.array([1e1, 1e2, 1e3]))
+    assert [r.val_accuracy for r in as_array.table] == [r.val_accuracy for r in grid.table]
 
 
 def test_wide_layer_update_builds_no_d_by_d_matrix():
