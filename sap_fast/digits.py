@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .evaluate import evaluate
 from .forward import progress
 from .noise import symmetric_noise
 
@@ -178,15 +179,8 @@ def train(
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> float:
-    """Share of samples whose arg-max prediction equals ``y`` (eval mode; mode restored)."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, x.shape[0], batch_size):
-        pred = model(x[start : start + batch_size]).argmax(1)
-        correct += int((pred == y[start : start + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(1, x.shape[0])
+    """Share of samples whose arg-max prediction equals ``y`` (eval mode, flags restored)."""
+    return evaluate(model, (x, y), batch_size=batch_size, show_progress=False).accuracy
 
 
 def make_noisy_model(
