@@ -12,7 +12,7 @@ dimension, so Conv1d/2d/3d, stride, dilation and groups share one code path.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +107,26 @@ def row_chunks(target: Target, module: nn.Module, x: torch.Tensor, max_rows: int
     return linear_row_chunks(x, target.d, max_rows, dtype)
 
 
+def _records_for(records: Dict[str, LayerStats], names: List[str], new) -> List[LayerStats]:
+    """The distinct records to add one input's rows to, for targets ``names`` that all read it.
+
+    Targets fed the same tensor on every call so far (self-attention's q/k/v) share one record,
+    so the rows are accumulated once. A record shared with a target that this call does not
+    feed is split off first (a copy), since their histories now differ.
+    """
+    if all(n not in records for n in names):
+        record = new()
+        for n in names:
+            records[n] = record
+        return [record]
+    for n in names:
+        if n not in records:
+            records[n] = new()
+        elif any(records[o] is records[n] for o in records if o not in names):
+            records[n] = records[n].copy()
+    return list({id(records[n]): records[n] for n in names}.values())
+
+
 def collect_stats(model: nn.Module, data, *, layers=None, batch_size: int = 256, device=None,
                   dtype: torch.dtype = torch.float64, chunk_rows: Optional[int] = None,
                   input_precision: str = "fp32", show_progress: Optional[bool] = None) -> Stats:
@@ -127,7 +147,8 @@ def collect_stats(model: nn.Module, data, *, layers=None, batch_size: int = 256,
         show_progress: progress bar: None = on interactive terminals.
 
     Returns:
-        :class:`Stats`, one record per target, in forward order.
+        :class:`Stats`, one record per target, in forward order. Targets that always read the
+        same tensor (self-attention's q/k/v) share one record object.
     """
     if dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
@@ -139,15 +160,16 @@ def collect_stats(model: nn.Module, data, *, layers=None, batch_size: int = 256,
     dev = resolve_device(model, device)
     records: Dict[str, LayerStats] = {}
 
-    def sink(target: Target, module: nn.Module, x: torch.Tensor) -> None:
-        record = records.get(target.name)
-        if record is None:
-            record = records[target.name] = LayerStats(target.d, target.groups, dtype, x.device)
-        max_rows = chunk_rows or max(1, CHUNK_ELEMENTS // (target.d * target.groups))
-        for chunk in row_chunks(target, module, x.detach(), max_rows, dtype):
+    def sink(group: List[Target], module: nn.Module, x: torch.Tensor) -> None:
+        first = group[0]
+        max_rows = chunk_rows or max(1, CHUNK_ELEMENTS // (first.d * first.groups))
+        shared = _records_for(records, [t.name for t in group],
+                              lambda: LayerStats(first.d, first.groups, dtype, x.device))
+        for chunk in row_chunks(first, module, x.detach(), max_rows, dtype):
             if input_precision != "fp32":
                 chunk = _round_inputs(chunk, input_precision).to(dtype)
-            record.add(chunk)
+            for record in shared:
+                record.add(chunk)
 
     samples = 0
     with Capture(model, targets, sink):

@@ -10,7 +10,7 @@ which keeps every option of the module (masks, bias_kv, zero_attn, causal) exact
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,9 @@ from torch import nn
 
 from .layers import Target
 
-Sink = Callable[[Target, nn.Module, torch.Tensor], None]
-
+# sink(targets, module, x): ``x`` is the input of every target in ``targets`` (several when one
+# tensor feeds the q/k/v blocks of a self-attention layer, so its rows are formed only once)
+Sink = Callable[[List[Target], nn.Module, torch.Tensor], None]
 
 def _mha_inputs(mha: nn.MultiheadAttention, args, kwargs):
     bound = inspect.signature(mha.forward).bind(*args, **kwargs)
@@ -47,7 +48,7 @@ def heads_before_out_proj(mha: nn.MultiheadAttention, call: dict) -> torch.Tenso
 
 
 class Capture:
-    """Context manager: while active, ``sink(target, module, input)`` is called per layer call."""
+    """Context manager: while active, ``sink(targets, module, input)`` is called per layer call."""
 
     def __init__(self, model: nn.Module, targets: List[Target], sink: Sink):
         self.model, self.targets, self.sink = model, targets, sink
@@ -76,17 +77,21 @@ class Capture:
 
     def _input_hook(self, target: Target):
         def hook(module, args):
-            self.sink(target, module, args[0])
+            self.sink([target], module, args[0])
         return hook
 
     def _mha_hook(self, targets: List[Target]):
         def hook(module, args, kwargs):
             call = _mha_inputs(module, args, kwargs)
-            for t in targets:
+            by_input: Dict[object, Tuple[torch.Tensor, List[Target]]] = {}
+            for t in targets:  # q, k, v, then out_proj: records keep this order
                 part = t.name.rsplit(".", 1)[1]
                 if part == "out_proj":
-                    self.sink(t, module, heads_before_out_proj(module, call))
+                    by_input["out_proj"] = (heads_before_out_proj(module, call), [t])
                 else:
-                    self.sink(t, module, call[{"q": "query", "k": "key", "v": "value"}[part]])
+                    x = call[{"q": "query", "k": "key", "v": "value"}[part]]
+                    by_input.setdefault(id(x), (x, []))[1].append(t)
+            for x, group in by_input.values():
+                self.sink(group, module, x)
             return None
         return hook

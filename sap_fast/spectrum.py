@@ -65,7 +65,7 @@ def spectra(stats: Stats, names: Optional[Iterable[str]] = None) -> Dict[str, La
     for name in (stats if names is None else names):
         record = stats[name]
         for seen, spec in done:
-            if (seen.mode, seen.count, seen.d, seen.groups) == (record.mode, record.count, record.d, record.groups) \
+            if seen is record or (seen.mode, seen.count, seen.d, seen.groups) == (record.mode, record.count, record.d, record.groups) \
                     and record.mode == "gram" and torch.equal(seen.gram, record.gram):
                 out[name] = spec
                 break

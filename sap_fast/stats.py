@@ -76,6 +76,13 @@ class LayerStats:
         blocks = [self._gram] if self._gram is not None else self._chunks
         return all(bool(torch.isfinite(b).all()) for b in blocks)
 
+    def copy(self) -> "LayerStats":
+        """An independent copy (row chunks are never modified in place, so they are shared)."""
+        out = LayerStats(self.d, self.groups, self.dtype, self.device)
+        out.count, out._chunks = self.count, list(self._chunks)
+        out._gram = None if self._gram is None else self._gram.clone()
+        return out
+
     # -- combining ----------------------------------------------------------------------------
     def _compatible(self, other: "LayerStats", name: str) -> None:
         if (self.d, self.groups, self.dtype) != (other.d, other.groups, other.dtype):
@@ -124,7 +131,8 @@ class LayerStats:
 class Stats(Mapping[str, LayerStats]):
     """Layer name → :class:`LayerStats`, in the order the layers first ran in the forward pass.
 
-    ``num_samples`` counts the samples (not rows) the statistics were taken from.
+    ``num_samples`` counts the samples (not rows) the statistics were taken from. Targets that
+    read the same tensor on every call (self-attention's q/k/v) may share one record object.
     ``a + b`` / ``a.merge(b)`` combine disjoint shards; ``save``/``load`` use one file.
     """
 

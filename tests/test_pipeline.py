@@ -303,3 +303,53 @@ def test_load_rejects_foreign_files(tmp_path):
     torch.save({"weight": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not a sap_fast stats file"):
         sap_fast.Stats.load(path)
+
+
+def test_self_attention_rows_are_accumulated_once(monkeypatch):
+    calls = []
+    original = LayerStats.add
+    monkeypatch.setattr(LayerStats, "add", lambda self, chunk: (calls.append(id(self)), original(self, chunk)))
+    torch.manual_seed(22)
+    model = Attention().double()  # inp, attn (self), head
+    stats = sap_fast.collect_stats(model, torch.randn(3, 4, 5, dtype=torch.float64))
+    assert stats["attn.q"] is stats["attn.k"] is stats["attn.v"]
+    assert calls.count(id(stats["attn.q"])) == 1  # one batch, one chunk, added once for q/k/v
+    assert stats["attn.q"].count == 3 * 4
+
+
+class SelfThenCross(nn.Module):
+    """One MultiheadAttention used for self-attention, then cross-attention (k = v = memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mem = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x + self.attn(x, x, x)[0]
+        m = self.mem(x)
+        h = h + self.attn(h, m, m)[0]
+        return self.head(h.mean(1))
+
+
+def test_shared_records_split_when_inputs_differ(tmp_path):
+    from sap_fast import reference
+    torch.manual_seed(23)
+    model = SelfThenCross().double()
+    x = torch.randn(5, 4, 8, dtype=torch.float64)
+    stats = sap_fast.collect_stats(model, x, batch_size=2)
+    assert stats["attn.q"] is not stats["attn.k"] and stats["attn.k"] is stats["attn.v"]
+    reps = reference.representations(model, x)
+    for name in ("attn.q", "attn.k", "attn.v", "attn.out_proj"):
+        r = reps[name][0]
+        assert stats[name].count == r.shape[0] == 2 * 5 * 4
+        assert rel_err(stats[name].gram[0], r.T @ r) <= 1e-13
+    fast = sap_fast.correct(model, stats=stats, alpha=1e3)
+    assert max_weight_rel_err(fast, reference.correct(model, x, alpha=1e3)) <= 1e-8
+    # shared records merge and round-trip like any other
+    halves = sap_fast.collect_stats(model, x[:2]) + sap_fast.collect_stats(model, x[2:])
+    halves.save(tmp_path / "s.pt")
+    loaded = sap_fast.Stats.load(tmp_path / "s.pt")
+    for name in stats:
+        assert rel_err(loaded[name].gram, stats[name].gram) <= 1e-13
