@@ -22,6 +22,7 @@ from .layers import Target
 # tensor feeds the q/k/v blocks of a self-attention layer, so its rows are formed only once)
 Sink = Callable[[List[Target], nn.Module, torch.Tensor], None]
 
+
 def _mha_inputs(mha: nn.MultiheadAttention, args, kwargs):
     bound = inspect.signature(mha.forward).bind(*args, **kwargs)
     bound.apply_defaults()

@@ -57,6 +57,15 @@ def layer_spectrum(record: LayerStats) -> LayerSpectrum:
     return LayerSpectrum(eigvals.flip(-1).clamp_min(0), basis.flip(-1))
 
 
+def _same_statistics(a: LayerStats, b: LayerStats) -> bool:
+    """One record, or two Grams with equal entries (cheap fields compared first)."""
+    if a is b:
+        return True
+    if a.mode != "gram" or (a.mode, a.count, a.d, a.groups) != (b.mode, b.count, b.d, b.groups):
+        return False
+    return torch.equal(a.gram, b.gram)
+
+
 def spectra(stats: Stats, names: Optional[Iterable[str]] = None) -> Dict[str, LayerSpectrum]:
     """Spectra of the named records; records with identical statistics (the q/k/v of a
     self-attention layer) share one decomposition."""
@@ -65,8 +74,7 @@ def spectra(stats: Stats, names: Optional[Iterable[str]] = None) -> Dict[str, La
     for name in (stats if names is None else names):
         record = stats[name]
         for seen, spec in done:
-            if seen is record or (seen.mode, seen.count, seen.d, seen.groups) == (record.mode, record.count, record.d, record.groups) \
-                    and record.mode == "gram" and torch.equal(seen.gram, record.gram):
+            if _same_statistics(seen, record):
                 out[name] = spec
                 break
         else:
