@@ -1,27 +1,140 @@
 """sap_fast: Scaled Activation Projection as a PyTorch extension.
 
-Install without build isolation so pip uses the torch already installed:
-    pip install torch==2.13.0        # CPU; on a GPU machine use its own torch
+Install without build isolation, so the build compiles against the torch already installed:
+    pip install torch==2.13.0                      # CPU; on a GPU machine keep its own torch
+    pip install pybind11 ninja "setuptools>=64" wheel
     pip install --no-build-isolation -e .
-The native build (CMake, C++/CUDA kernels) is added by the native-extension work; until then
-the package is pure Python and every stage runs on the portable torch path.
+
+The native module ``sap_fast._C`` is built by CMake (CMakeLists.txt is the only build
+description; this file only drives it). Environment:
+    SAP_FAST_NATIVE=0        skip the native build (pure Python; every stage uses the torch path)
+    SAP_FAST_CUDA=0|1        CUDA kernels off/on (default: on when torch has CUDA and nvcc exists)
+    TORCH_CUDA_ARCH_LIST     e.g. "9.0" (Hopper); default: the visible GPU's, else 9.0
+    MAX_JOBS                 parallel compile jobs
+    SAP_FAST_DEBUG=1         -O0 -g build
 """
-from setuptools import find_packages, setup
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    """An on/off environment switch: True, False, or None when unset."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise SystemExit(f"{name}={os.environ[name]!r}: use 0 or 1")
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidate = os.path.join(home, "bin", "nvcc") if home else None
+    return candidate if candidate and os.path.exists(candidate) else shutil.which("nvcc")
+
+
+def _cuda_arch_names(torch):
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX"), else the visible GPUs', else Hopper ("9.0").
+    An absent GPU is never probed (torch's own arch detection fails without one)."""
+    text = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    names = [a for a in text.replace(",", ";").replace(" ", ";").split(";") if a]
+    if not names and torch.cuda.is_available():
+        names = sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                        for i in range(torch.cuda.device_count())})
+    return names or ["9.0"]
+
+
+def _cmake_cuda_archs(names):
+    """CMake's spelling: "8.0;9.0+PTX" -> "80-real;90" (PTX kept only where asked)."""
+    archs = []
+    for name in names:
+        number = name.replace("+PTX", "").replace(".", "")
+        archs.append(number if name.endswith("+PTX") else number + "-real")
+    return ";".join(archs)
+
+
+class CMakeBuild(build_ext):
+    """build_ext that configures and builds CMakeLists.txt with ninja into the extension's path."""
+
+    def run(self):
+        if _flag("SAP_FAST_NATIVE") is False:
+            print("sap_fast: SAP_FAST_NATIVE=0, skipping the native build (portable torch path)")
+            return
+        for ext in self.extensions:
+            self.build_cmake(ext)
+
+    def build_cmake(self, ext):
+        try:
+            import pybind11
+            import torch
+        except ImportError as err:
+            raise SystemExit(f"sap_fast: the native build needs torch and pybind11 installed first ({err}); "
+                             "then `pip install --no-build-isolation -e .`") from None
+
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise SystemExit("sap_fast: cmake not found; `pip install cmake` (or set SAP_FAST_NATIVE=0 "
+                             "to install without the native kernels)")
+        want_cuda = _flag("SAP_FAST_CUDA")
+        nvcc = _nvcc()
+        has_cuda_torch = torch.version.cuda is not None
+        if want_cuda and not (has_cuda_torch and nvcc):
+            raise SystemExit("sap_fast: SAP_FAST_CUDA=1 needs a CUDA build of torch and nvcc "
+                             f"(torch.version.cuda={torch.version.cuda}, nvcc={nvcc})")
+        cuda = bool(has_cuda_torch and nvcc) if want_cuda is None else want_cuda
+
+        out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        build_dir = os.path.join(ROOT, "build", "native-" + ("cuda" if cuda else "cpu"))
+        debug = _flag("SAP_FAST_DEBUG")
+        args = [
+            "-S", ROOT, "-B", build_dir, "-G", "Ninja",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if debug else 'Release'}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DSAP_FAST_OUTPUT_DIR={out_dir}",
+            f"-DSAP_FAST_CUDA={'ON' if cuda else 'OFF'}",
+        ]
+        env = dict(os.environ)
+        if cuda:
+            names = _cuda_arch_names(torch)
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={_cmake_cuda_archs(names)}"]
+            # torch's CMake config adds -gencode flags of its own from this variable; without it
+            # it guesses, and may pick architectures this nvcc no longer compiles
+            env["TORCH_CUDA_ARCH_LIST"] = ";".join(names)
+        print(f"sap_fast: native build ({'CPU + CUDA' if cuda else 'CPU only'}) in {build_dir}")
+        subprocess.run([cmake, *args], check=True, env=env)
+        build = [cmake, "--build", build_dir]
+        if os.environ.get("MAX_JOBS"):
+            build += ["--parallel", os.environ["MAX_JOBS"]]
+        subprocess.run(build, check=True, env=env)
+
 
 setup(
     name="sap_fast",
     version="0.1.0",
     description="Scaled Activation Projection: one-shot correction of models trained on noisy labels",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["sap_fast", "sap_fast.*"]),
+    ext_modules=[Extension("sap_fast._C", sources=[])],  # built by CMakeBuild
+    cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     # torch is not pinned: the README installs the right build first (CPU 2.13 here, the GPU
     # machine's own build there); a range it satisfies makes pip fetch nothing more.
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "demo": ["scikit-learn"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "triton"],
         "plot": ["matplotlib"],
     },
 )

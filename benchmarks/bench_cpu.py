@@ -3,7 +3,7 @@
 Each (case, implementation) runs in a fresh subprocess so its peak resident memory is its own.
 Prints a table (time, peak memory, and their ratios) and writes JSON.
 
-    python benchmarks/bench_cpu.py [--quick] [--out benchmarks/results/cpu-portable.json]
+    python benchmarks/bench_cpu.py [--quick] [--out benchmarks/results/cpu-vs-reference.json]
 
 Cases: a ResNet-shaped 3×3 stage and a ViT-shaped token MLP (reduced resolution, so the
 reference fits), and the two "wide, short" classifier layers — ResNet-50's (2048 wide, 1000 rows)
@@ -14,12 +14,9 @@ machine expect ±10%.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
-import sys
-import time
+
+from common import run_worker, write_results
 
 CASES = {
     # name: (model builder source, input shape, samples, description)
@@ -63,20 +60,15 @@ print(json.dumps({{"seconds": t, "peak_mb": peak / 1024, "extra_mb": (peak - bas
 
 def run_case(name: str, impl: str, threads: int) -> dict:
     builder, shape, samples, _ = CASES[name]
-    code = WORKER.format(threads=threads, builder=builder, samples=samples, shape=shape, impl=impl)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(WORKER.format(threads=threads, builder=builder, samples=samples, shape=shape, impl=impl))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the 25088-wide case")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-portable.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-vs-reference.json"))
     args = parser.parse_args()
-    import torch
     names = [n for n in CASES if not (args.quick and n == "vgg-classifier")]
     rows = []
     for name in names:
@@ -90,13 +82,7 @@ def main() -> None:
         print(f"{name:22s} sap_fast {fast.get('seconds', float('nan')):7.2f}s {fast.get('extra_mb', float('nan')):8.0f} MB | "
               f"reference {ref.get('seconds', float('nan')):7.2f}s {ref.get('extra_mb', float('nan')):8.0f} MB | "
               f"{speed:5.1f}x faster, {mem:5.1f}x less extra memory", flush=True)
-    meta = {"command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "threads": args.threads, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, {"rows": rows}, threads=args.threads)
 
 
 if __name__ == "__main__":

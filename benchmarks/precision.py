@@ -20,11 +20,8 @@ random weights, 64 samples; d = 27 and 576).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import sap_fast  # noqa: E402
+from common import write_results  # noqa: E402
 from sap_fast.digits import make_noisy_model  # noqa: E402
 from sap_fast import reference  # noqa: E402
 from sap_fast.spectrum import importance, spectra  # noqa: E402
@@ -126,14 +124,8 @@ def main():
     table = "\n".join(lines)
     print(f"\nvanilla (noisy) test accuracy: {100 * demo['test_acc']:.2f}%\n")
     print(table)
-    meta = {"command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "seed": args.seed, "trusted": args.trusted,
-            "vanilla_test_acc": demo["test_acc"]}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "markdown": table}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, {"rows": rows, "markdown": table}, seed=args.seed, trusted=args.trusted,
+                  vanilla_test_acc=demo["test_acc"])
 
 
 if __name__ == "__main__":

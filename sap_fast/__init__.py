@@ -5,6 +5,7 @@ spectra → projection (:func:`correct`), and :func:`sweep` to choose α on a va
 :mod:`sap_fast.reference` is the slow float64 oracle every fast path is tested against.
 """
 from .accumulate import collect_stats
+from .backend import backend_info
 from .data import subset
 from .evaluate import evaluate
 from .project import correct
@@ -14,5 +15,5 @@ from .sweep import DEFAULT_ALPHAS, SweepResult, SweepRow, sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["select_trusted", "collect_stats", "correct", "sweep", "Stats", "LayerStats",
+__all__ = ["backend_info", "select_trusted", "collect_stats", "correct", "sweep", "Stats", "LayerStats",
            "SweepResult", "SweepRow", "DEFAULT_ALPHAS", "evaluate", "subset", "__version__"]

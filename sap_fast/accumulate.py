@@ -8,16 +8,22 @@ samples or the spatial size.
 Conv rows are the patches the conv really sees: the input is padded exactly as the layer pads it
 (``padding_mode`` and ``'same'`` included), then unfolded with ``Tensor.unfold`` per spatial
 dimension, so Conv1d/2d/3d, stride, dilation and groups share one code path.
+
+Where the native extension is loaded (:mod:`sap_fast.backend`), a conv call whose rows go into a
+Gram skips the rows altogether: on CPU, stride-1 convs use the exact shift-correlation Gram
+(``torch.ops.sap_fast.conv_gram_shift``); on CUDA, every conv uses the implicit-im2col Gram
+kernel (``torch.ops.sap_fast.conv_gram``). Other calls take the portable path above.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backend
 from .forward import forward_batches, resolve_device
 from .layers import CONV_TYPES, Target, select_targets
 from .capture import Capture
@@ -99,12 +105,68 @@ def linear_row_chunks(x: torch.Tensor, d: int, max_rows: int, dtype: torch.dtype
         yield rows[start:start + max_rows].to(dtype).unsqueeze(0)
 
 
+def _conv_rows(conv: nn.Module, x: torch.Tensor) -> int:
+    """Rows of the patch matrix of one conv call: samples × output positions."""
+    spatial = len(conv.kernel_size)
+    samples = x.shape[0] if x.dim() == spatial + 2 else 1
+    pads = conv_padding(conv)
+    out = [(x.shape[-spatial + i] + pads[2 * (spatial - 1 - i)] + pads[2 * (spatial - 1 - i) + 1]
+            - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1) // conv.stride[i] + 1
+           for i in range(spatial)]
+    return samples * math.prod(out)
+
+
 def row_chunks(target: Target, module: nn.Module, x: torch.Tensor, max_rows: int,
                dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """Dispatch point of the accumulate stage: the rows of one layer call, chunked."""
     if isinstance(module, CONV_TYPES):
         return conv_row_chunks(module, x, target.groups, target.d, max_rows, dtype)
     return linear_row_chunks(x, target.d, max_rows, dtype)
+
+
+def _native_padding(conv: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+    """The input and per-dim zero padding for the native kernels (which pad zeros symmetrically):
+    other padding modes and asymmetric ``'same'`` padding are applied here instead."""
+    pads = conv_padding(conv)
+    low, high = pads[0::2][::-1], pads[1::2][::-1]  # per spatial dim, first dim first
+    if conv.padding_mode == "zeros" and low == high:
+        return x, low
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, pads, mode=mode), [0] * len(low)
+
+
+def native_conv_gram(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype,
+                     max_elements: int) -> Optional[Tuple[torch.Tensor, int]]:
+    """``(Gram (groups, d, d), rows)`` of one conv call from a native kernel, or None when no
+    native kernel serves this call (then the caller streams rows instead)."""
+    module = backend.native()
+    if module is None or x.dtype not in (torch.float32, torch.float64):
+        return None
+    on_cuda = x.device.type == "cuda"
+    if on_cuda and not backend.native_cuda():
+        return None
+    stride_one = all(s == 1 for s in conv.stride)
+    if not on_cuda and not (x.device.type == "cpu" and stride_one and math.prod(conv.kernel_size) > 1):
+        return None  # on CPU only the shift-correlation kernel beats unfold + GEMM (benchmarks/)
+    spatial = len(conv.kernel_size)
+    if x.dim() == spatial + 1:
+        x = x.unsqueeze(0)
+    x, padding = _native_padding(conv, x)
+    k, dil = list(conv.kernel_size), list(conv.dilation)
+    out = [(x.shape[2 + i] + 2 * padding[i] - dil[i] * (k[i] - 1) - 1) // conv.stride[i] + 1
+           for i in range(spatial)]
+    rows = x.shape[0] * math.prod(out)
+    if on_cuda:
+        return torch.ops.sap_fast.conv_gram(x, k, list(conv.stride), padding, dil, conv.groups,
+                                            dtype), rows
+    # the shift kernel copies its input into a zero-margined buffer: bound it by whole samples
+    margined = math.prod(x.shape[2 + i] + 2 * dil[i] * (k[i] - 1) for i in range(spatial))
+    step = max(1, max_elements // (margined * x.shape[1]))
+    gram = None
+    for part in x.split(step):
+        g = torch.ops.sap_fast.conv_gram_shift(part, k, padding, dil, conv.groups, dtype)
+        gram = g if gram is None else gram.add_(g)
+    return gram, rows
 
 
 def _records_for(records: Dict[str, LayerStats], names: List[str], new) -> List[LayerStats]:
@@ -165,7 +227,18 @@ def collect_stats(model: nn.Module, data, *, layers=None, batch_size: int = 256,
         max_rows = chunk_rows or max(1, CHUNK_ELEMENTS // (first.d * first.groups))
         shared = _records_for(records, [t.name for t in group],
                               lambda: LayerStats(first.d, first.groups, dtype, x.device))
-        for chunk in row_chunks(first, module, x.detach(), max_rows, dtype):
+        x = x.detach()
+        if input_precision == "fp32" and isinstance(module, CONV_TYPES):
+            # a native Gram serves a call only if every record it feeds is (or now goes) past its
+            # width; rows are needed while a record keeps them
+            rows = _conv_rows(module, x)
+            if all(r.mode == "gram" or r.count + rows > r.d for r in shared):
+                native = native_conv_gram(module, x, dtype, max_rows * first.d * first.groups)
+                if native is not None:
+                    for record in shared:
+                        record.add_gram(native[0], native[1])
+                    return
+        for chunk in row_chunks(first, module, x, max_rows, dtype):
             if input_precision != "fp32":
                 chunk = _round_inputs(chunk, input_precision).to(dtype)
             for record in shared:

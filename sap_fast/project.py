@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from . import backend
 from .accumulate import collect_stats
 from .forward import check_alpha, check_batch_size, resolve_device
 from .layers import Target, select_targets
@@ -23,9 +24,15 @@ from .stats import Stats
 
 def projected_weight(weight: torch.Tensor, spectrum: LayerSpectrum, alpha: float,
                      weight_basis: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``W Wpᵀ`` for ``weight`` ``(groups, out, d)`` (float64 in, float64 out)."""
+    """``W Wpᵀ`` for ``weight`` ``(groups, out, d)`` (float64 in, float64 out).
+
+    Dispatch point of the project stage: the Triton kernel for CUDA tensors when Triton is
+    available, torch matmuls otherwise (the kernel's tests hold it to this path)."""
     u = spectrum.basis
     wu = weight @ u if weight_basis is None else weight_basis
+    kernels = backend.triton_update() if weight.is_cuda else None
+    if kernels is not None:  # λ formed inside the kernel, fused with the two products
+        return kernels.scaled_update(weight, wu, u, spectrum.eigvals, alpha, full=spectrum.full)
     lam = importance(spectrum.energies, alpha).unsqueeze(-2)  # (groups, 1, r)
     if spectrum.full:
         return weight - (wu * (1.0 - lam)) @ u.transpose(-1, -2)

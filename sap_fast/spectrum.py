@@ -11,6 +11,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from . import backend
 from .stats import LayerStats, Stats
 
 
@@ -42,7 +43,8 @@ def importance(s: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def layer_spectrum(record: LayerStats) -> LayerSpectrum:
-    """Dispatch point of the spectrum stage (portable path: torch.linalg, always float64).
+    """Dispatch point of the spectrum stage, always float64: the native cuSOLVER entry point for
+    CUDA Grams when the extension has CUDA, torch.linalg otherwise.
 
     A float32 Gram is decomposed in float64 too: its rounding is already done, but a float32
     ``eigh`` would add 10-30x more error on the small eigenvalues that large α depends on.
@@ -52,7 +54,10 @@ def layer_spectrum(record: LayerStats) -> LayerSpectrum:
         return LayerSpectrum(sigma.square(), vh.transpose(-1, -2))
     gram = record.gram.double()
     gram = (gram + gram.transpose(-1, -2)) / 2  # exact symmetry; eigh reads one triangle anyway
-    eigvals, basis = torch.linalg.eigh(gram)
+    if gram.is_cuda and backend.native_cuda():  # cuSOLVER: batched syevj / syevd on streams
+        eigvals, basis = torch.ops.sap_fast.eigh(gram)
+    else:
+        eigvals, basis = torch.linalg.eigh(gram)
     # descending order like the SVD; round-off can leave tiny negatives: they carry no energy
     return LayerSpectrum(eigvals.flip(-1).clamp_min(0), basis.flip(-1))
 

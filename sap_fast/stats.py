@@ -34,15 +34,31 @@ class LayerStats:
             raise ValueError(f"rows of shape {tuple(chunk.shape)} do not fit a record of "
                              f"{self.groups} group(s) of width {self.d}")
         self.count += chunk.shape[1]
-        if self._gram is not None:
-            self._gram.baddbmm_(chunk.transpose(1, 2), chunk)
-        elif self.count <= self.d:
+        if self._gram is None and self.count <= self.d:
             self._chunks.append(chunk)
-        else:  # the rows now outnumber the width: the Gram is the smaller summary from here on
-            self._gram = torch.zeros(self.groups, self.d, self.d, dtype=self.dtype, device=self.device)
-            for block in self._chunks + [chunk]:
-                self._gram.baddbmm_(block.transpose(1, 2), block)
-            self._chunks = []
+            return
+        self._switch_to_gram()  # the rows now outnumber the width: the Gram is the smaller summary
+        self._gram.baddbmm_(chunk.transpose(1, 2), chunk)
+
+    def add_gram(self, gram: torch.Tensor, rows: int) -> None:
+        """Add the Gram ``(groups, d, d)`` of ``rows`` rows that were never materialised (the
+        native kernels). Only for rows that take the record past its width, into Gram mode."""
+        if tuple(gram.shape) != (self.groups, self.d, self.d) or gram.dtype != self.dtype:
+            raise ValueError(f"a Gram of shape {tuple(gram.shape)} ({gram.dtype}) does not fit a record "
+                             f"of {self.groups} group(s) of width {self.d} ({self.dtype})")
+        if self._gram is None and self.count + rows <= self.d:
+            raise ValueError("this record keeps its rows until they outnumber its width; add rows instead")
+        self._switch_to_gram()
+        self._gram += gram
+        self.count += rows
+
+    def _switch_to_gram(self) -> None:
+        if self._gram is not None:
+            return
+        self._gram = torch.zeros(self.groups, self.d, self.d, dtype=self.dtype, device=self.device)
+        for block in self._chunks:
+            self._gram.baddbmm_(block.transpose(1, 2), block)
+        self._chunks = []
 
     @property
     def mode(self) -> str:
@@ -95,12 +111,7 @@ class LayerStats:
         out = LayerStats(self.d, self.groups, self.dtype, self.device)
         for part in (self, other):
             if part.mode == "gram":
-                if out._gram is None:
-                    out._gram = torch.zeros(self.groups, self.d, self.d, dtype=self.dtype,
-                                            device=self.device)
-                    for block in out._chunks:
-                        out._gram.baddbmm_(block.transpose(1, 2), block)
-                    out._chunks = []
+                out._switch_to_gram()
                 out._gram += part._gram.to(self.device)
                 out.count += part.count
             elif part.count:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
-import torch
 from torch import nn
 
 from .evaluate import Evaluation, evaluate

@@ -29,7 +29,9 @@ def test_chunk_and_batch_size_do_not_change_result(case):
 
 
 def test_chunks_are_bounded_even_for_one_oversized_sample(monkeypatch):
-    """Peak memory is one chunk: no chunk exceeds chunk_rows, whatever the sample count or size."""
+    """Portable path: peak memory is one chunk: no chunk exceeds chunk_rows, whatever the sample
+    count or size. (The native kernels never build rows; see test_native_cpu.py.)"""
+    monkeypatch.setenv("SAP_FAST_BACKEND", "portable")
     sizes = []
     original = LayerStats.add
 

@@ -1,0 +1,44 @@
+// The op schemas of sap_fast (one place), and the Python module `sap_fast._C`.
+//
+// Ops are registered with the PyTorch dispatcher (TORCH_LIBRARY): `torch.ops.sap_fast.<op>` then
+// picks the CPU kernel (csrc/cpu/) or the CUDA kernel (csrc/cuda/, built only when CUDA is) by the
+// device of its tensors. The pybind11 module only answers what was built; no tensor crosses it.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+TORCH_LIBRARY(sap_fast, m) {
+  // Σ over every row of the conv's patch matrix R (implicit im2col, R never stored) of rᵀr, per
+  // group: (groups, d, d) with d = (C/groups)·prod(kernel_size); column index c·prod(k) + offset,
+  // the order of weight.view(out, -1). x is (N, C, *spatial) with 1 to 3 spatial dims, zero
+  // padding of `padding[i]` on both sides of dim i. dtype: accumulation and output dtype
+  // (float32 or float64).
+  m.def("conv_gram(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+        "int groups, ScalarType dtype) -> Tensor");
+  // The same Gram for stride-1 convs from shifted channel cross-correlations (exact).
+  m.def("conv_gram_shift(Tensor x, int[] kernel_size, int[] padding, int[] dilation, int groups, "
+        "ScalarType dtype) -> Tensor");
+  // Symmetric eigendecomposition of a batch (B, n, n) of Grams (lower triangle read): ascending
+  // eigenvalues (B, n) and orthonormal eigenvectors as columns (B, n, n), like torch.linalg.eigh.
+  m.def("eigh(Tensor gram) -> (Tensor, Tensor)");
+}
+
+#ifndef SAP_FAST_WITH_CUDA
+#define SAP_FAST_WITH_CUDA 0
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sap_fast native kernels (ops live in torch.ops.sap_fast)";
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["cuda"] = bool(SAP_FAST_WITH_CUDA);
+#ifdef SAP_FAST_CUDA_ARCHS
+    info["cuda_archs"] = std::string(SAP_FAST_CUDA_ARCHS);
+#endif
+#ifdef SAP_FAST_TORCH_VERSION
+    info["torch"] = std::string(SAP_FAST_TORCH_VERSION);
+#endif
+    return info;
+  });
+}

@@ -1,0 +1,32 @@
+"""Shape functions ("fakes") for the native ops, so ``torch.compile``/``opcheck`` can trace them
+without running them. Imported by :mod:`sap_fast.backend` once ``sap_fast._C`` has loaded; the
+ops themselves are ``torch.ops.sap_fast.conv_gram`` / ``conv_gram_shift`` / ``eigh``
+(schemas in ``csrc/sap_fast.cpp``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _gram_shape(x, kernel_size, groups):
+    torch._check(x.dim() - 2 == len(kernel_size), lambda: "one kernel size per spatial dim")
+    torch._check(x.shape[1] % groups == 0, lambda: "groups must divide the channels")
+    return groups, x.shape[1] // groups * math.prod(kernel_size)
+
+
+@torch.library.register_fake("sap_fast::conv_gram")
+def _conv_gram_fake(x, kernel_size, stride, padding, dilation, groups, dtype):
+    g, d = _gram_shape(x, kernel_size, groups)
+    return x.new_empty((g, d, d), dtype=dtype)
+
+
+@torch.library.register_fake("sap_fast::conv_gram_shift")
+def _conv_gram_shift_fake(x, kernel_size, padding, dilation, groups, dtype):
+    g, d = _gram_shape(x, kernel_size, groups)
+    return x.new_empty((g, d, d), dtype=dtype)
+
+
+@torch.library.register_fake("sap_fast::eigh")
+def _eigh_fake(gram):
+    return gram.new_empty(gram.shape[:-1]), gram.new_empty(gram.shape)
