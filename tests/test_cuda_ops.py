@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import CONV_CASES, conv_case
+from support import CONV_CASES, Attention, Tokens, conv_case, max_weight_rel_err
 
 try:
     import sap_fast._C  # noqa: F401  (registers torch.ops.sap_fast.*)
@@ -379,3 +379,35 @@ def test_eigh_rejects_bad_arguments_in_one_line(make, message):
 def test_eigh_passes_opcheck(n):
     gram = _grams(2, n, "spd", torch.float64).cuda()
     torch.library.opcheck(torch.ops.sap_fast.eigh.default, (gram,))
+
+
+# --------------------------------------------------------------------------------------------
+# the whole pipeline on the GPU: every stage's CUDA backend at once
+# --------------------------------------------------------------------------------------------
+
+
+def _pipeline_case(name):
+    torch.manual_seed(5)
+    if name == "tokens":
+        return Tokens().double(), torch.randn(6, 5, 6, dtype=torch.float64)
+    if name == "attention":
+        return Attention(cross=True).double(), torch.randn(4, 7, 5, dtype=torch.float64)
+    return conv_case(name, batch=6, seed=5)
+
+
+@requires_cuda_ops
+@pytest.mark.parametrize("name", ["2d-groups2", "2d-depthwise", "3d-stride-groups", "2d-reflect",
+                                  "tokens", "attention"])
+@pytest.mark.parametrize("alpha", [10.0, 1e4])
+def test_correct_on_cuda_matches_the_reference(name, alpha):
+    """collect_stats (CUDA Gram kernel), spectra (cuSOLVER), update (Triton) against the float64
+    oracle on the CPU: all float64, so the same 1e-8 bound as the CPU pipeline tests."""
+    import sap_fast
+    from sap_fast import reference
+
+    info = sap_fast.backend_info()["stages"]
+    assert info["accumulate"]["cuda"].startswith("native") and info["spectrum"]["cuda"].startswith("native")
+    model, x = _pipeline_case(name)
+    fixed = sap_fast.correct(model.cuda(), x.cuda(), alpha=alpha, batch_size=4)
+    expected = reference.correct(model.cpu(), x, alpha=alpha)
+    assert max_weight_rel_err(fixed.cpu(), expected) <= 1e-8
