@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine should do in one device session: build the extension with its CUDA
-# kernels, report the backends, run the GPU tests (and the CPU ones, as a sanity check of the
-# build there), then the benchmarks. Results go under $OUT (default: benchmarks/results/gpu-run).
+# kernels, report the backends, run the GPU tests (and the native CPU ones, as a sanity check of
+# the build there). Results go under $OUT (default: benchmarks/results/gpu-run). The GPU
+# benchmarks join this script in the GPU issues (4, 5).
 #
 #   OUT=/tmp/out bash benchmarks/gpu_suite.sh
 #

@@ -139,8 +139,7 @@ def native_conv_gram(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype,
                      max_elements: int) -> Optional[Tuple[torch.Tensor, int]]:
     """``(Gram (groups, d, d), rows)`` of one conv call from a native kernel, or None when no
     native kernel serves this call (then the caller streams rows instead)."""
-    module = backend.native()
-    if module is None or x.dtype not in (torch.float32, torch.float64):
+    if backend.native() is None or x.dtype not in (torch.float32, torch.float64):
         return None
     on_cuda = x.device.type == "cuda"
     if on_cuda and not backend.native_cuda():
@@ -148,14 +147,12 @@ def native_conv_gram(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype,
     stride_one = all(s == 1 for s in conv.stride)
     if not on_cuda and not (x.device.type == "cpu" and stride_one and math.prod(conv.kernel_size) > 1):
         return None  # on CPU only the shift-correlation kernel beats unfold + GEMM (benchmarks/)
+    rows = _conv_rows(conv, x)
     spatial = len(conv.kernel_size)
     if x.dim() == spatial + 1:
         x = x.unsqueeze(0)
     x, padding = _native_padding(conv, x)
     k, dil = list(conv.kernel_size), list(conv.dilation)
-    out = [(x.shape[2 + i] + 2 * padding[i] - dil[i] * (k[i] - 1) - 1) // conv.stride[i] + 1
-           for i in range(spatial)]
-    rows = x.shape[0] * math.prod(out)
     if on_cuda:
         return torch.ops.sap_fast.conv_gram(x, k, list(conv.stride), padding, dil, conv.groups,
                                             dtype), rows
