@@ -14,10 +14,10 @@ setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -q "setuptools>=64" wheel pybind11 ninja
 	command -v cmake >/dev/null || $(PIP) install -q "cmake>=3.18"
-	$(PIP) install -q --no-build-isolation -e ".[demo,test]"
+	$(PIP) install -q --no-build-isolation -e ".[demo,cli,test]"
 
 demo: setup
-	$(PYTHON) -m sap_fast.demo
+	$(PYTHON) -m sap_fast demo
 
 # SAP_FAST_REQUIRE_NATIVE: a missing extension fails the native tests instead of skipping them
 test: setup

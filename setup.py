@@ -128,13 +128,15 @@ setup(
     packages=find_packages(include=["sap_fast", "sap_fast.*"]),
     ext_modules=[Extension("sap_fast._C", sources=[])],  # built by CMakeBuild
     cmdclass={"build_ext": CMakeBuild},
+    entry_points={"console_scripts": ["sap-fast=sap_fast.cli:main"]},
     python_requires=">=3.10",
     # torch is not pinned: the README installs the right build first (CPU 2.13 here, the GPU
     # machine's own build there); a range it satisfies makes pip fetch nothing more.
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
-        "demo": ["scikit-learn"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "triton"],
-        "plot": ["matplotlib"],
+        "demo": ["scikit-learn", "matplotlib"],
+        "cli": ["pillow", "safetensors", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "triton", "pillow", "safetensors",
+                 "matplotlib"],
     },
 )

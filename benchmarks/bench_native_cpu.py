@@ -42,6 +42,11 @@ LAYERS = {
 }
 QUICK = ["resnet50.layer1.conv3x3", "resnet50.layer3.conv3x3", "resnet50.layer4.conv3x3",
          "vgg16.conv3_3"]
+TINY = {  # --tiny: a smoke run of the whole script in seconds (numbers mean nothing)
+    "tiny.conv3x3": (8, 12, 3, 1, 1, 2, "3×3, 8 at 12²"),
+    "tiny.conv3x3s2": (8, 12, 3, 2, 1, 2, "3×3/2, 8 at 12²"),
+}
+LAYERS.update(TINY)
 KERNELS = ("portable", "tiled", "shift")
 MIN_MB = 5.0  # smallest peak-memory rise worth a ratio
 
@@ -125,13 +130,15 @@ def run(layer: str, kernel: str, dtype: str, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)} (and end to end)")
+    parser.add_argument("--tiny", action="store_true", help="smoke run on tiny shapes, no end to end")
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-native.json"))
     args = parser.parse_args()
     rows = []
     print(f"{'layer':30s} {'dtype':8s} {'portable':>18s} {'tiled':>26s} {'shift':>26s}")
-    for layer in (QUICK if args.quick else LAYERS):
+    layers = list(TINY) if args.tiny else QUICK if args.quick else [n for n in LAYERS if n not in TINY]
+    for layer in layers:
         c, size, k, stride, pad, batch, what = LAYERS[layer]
         for dtype in args.dtypes:
             row = {"layer": layer, "what": what, "batch": batch, "d": c * k * k, "dtype": dtype}
@@ -158,7 +165,7 @@ def main() -> None:
             rows.append(row)
     e2e = []
     print(f"\ncollect_stats end to end (float64): {'portable':>18s} {'native dispatch':>26s}")
-    for name in E2E:
+    for name in ([] if args.tiny else E2E):
         portable, native = run_e2e(name, "portable", args.threads), run_e2e(name, "auto", args.threads)
         row = {"model": name, "batch": E2E[name][2], "portable": portable, "native": native}
         if "error" not in portable and "error" not in native:

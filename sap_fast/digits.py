@@ -16,7 +16,7 @@ from torch import nn
 
 from .evaluate import evaluate
 from .forward import progress
-from .noise import symmetric_noise
+from .noise import label_noise
 
 __all__ = [
     "NUM_CLASSES",
@@ -25,7 +25,12 @@ __all__ = [
     "train",
     "accuracy",
     "make_noisy_model",
+    "retrain_reference",
+    "DIGIT_GROUPS",
 ]
+
+# Look-alike digits, the demo's stand-in for CIFAR-100 superclasses in hierarchical noise.
+DIGIT_GROUPS = [[1, 7], [3, 5, 8], [0, 6, 9], [2, 4]]
 
 NUM_CLASSES = 10
 
@@ -140,6 +145,7 @@ def train(
     batch_size: int = 64,
     weight_decay: float = 0.0,
     num_threads: int | None = None,
+    desc: str = "training (noisy labels)",
 ) -> nn.Module:
     """Plain supervised training (Adam, cross-entropy, reshuffled mini-batches) in place.
 
@@ -157,7 +163,7 @@ def train(
         try:
             return train(
                 model, x, y, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
-                weight_decay=weight_decay,
+                weight_decay=weight_decay, desc=desc,
             )
         finally:
             torch.set_num_threads(previous)
@@ -165,7 +171,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     n = x.shape[0]
     model.train()
-    for _ in progress(range(epochs), desc="training (noisy labels)", total=epochs):
+    for _ in progress(range(epochs), desc=desc, total=epochs):
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             b = perm[start : start + batch_size]
@@ -187,6 +193,7 @@ def make_noisy_model(
     seed: int,
     *,
     noise_rate: float = 0.25,
+    noise_kind: str = "symmetric",
     epochs: int = 100,
     lr: float = 3e-3,
     batch_size: int = 64,
@@ -194,8 +201,13 @@ def make_noisy_model(
     channels: tuple[int, int] = (32, 64),
     hidden: int = 128,
     num_threads: int | None = 1,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Split the digits, corrupt train and val labels, and train a SmallCNN on the noisy labels.
+    """Split the digits, corrupt train and val labels, and train a SmallCNN on the noisy labels
+    (or, given ``weights`` from an earlier run with the same arguments, load them instead).
+
+    ``noise_kind``: "symmetric" (any other class), "asymmetric" (the CIFAR-10 class map applied
+    to digit indices: 9→1, 2→0, 4→7, 3→5, 5→3) or "hierarchical" (within :data:`DIGIT_GROUPS`).
 
     Defaults: SmallCNN(32, 64, hidden 128), Adam lr 3e-3, no weight decay, batch 64, 100
     epochs: enough to memorise 25% wrong labels (100% noisy-train accuracy) in ~15 s on one CPU
@@ -210,30 +222,32 @@ def make_noisy_model(
     ``train_seconds``.
     """
     splits = load_digits_splits(seed)
-    y_tr_noisy, corrupted_tr = symmetric_noise(
-        splits["y_train"], noise_rate, NUM_CLASSES, seed=seed
-    )
-    y_va_noisy, corrupted_va = symmetric_noise(
-        splits["y_val"], noise_rate, NUM_CLASSES, seed=seed + 1_000_003
-    )
+    y_tr_noisy, corrupted_tr = _noise(splits["y_train"], noise_kind, noise_rate, seed)
+    y_va_noisy, corrupted_va = _noise(splits["y_val"], noise_kind, noise_rate, seed + 1_000_003)
     model = SmallCNN(NUM_CLASSES, channels=channels, hidden=hidden, seed=seed)
     t0 = time.perf_counter()
-    train(
-        model,
-        splits["x_train"],
-        y_tr_noisy,
-        epochs=epochs,
-        lr=lr,
-        seed=seed,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        num_threads=num_threads,
-    )
+    if weights is not None:
+        model.load_state_dict(weights)
+        model.eval()
+    else:
+        train(
+            model,
+            splits["x_train"],
+            y_tr_noisy,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            num_threads=num_threads,
+        )
     seconds = time.perf_counter() - t0
     out: dict[str, Any] = dict(splits)
     out.update(
+        seed=seed,
         model=model,
         noise_rate=noise_rate,
+        noise_kind=noise_kind,
         y_train_noisy=y_tr_noisy,
         y_val_noisy=y_va_noisy,
         corrupted_train=corrupted_tr,
@@ -245,3 +259,19 @@ def make_noisy_model(
         train_seconds=seconds,
     )
     return out
+
+
+def _noise(labels: torch.Tensor, kind: str, rate: float, seed: int):
+    groups = DIGIT_GROUPS if kind == "hierarchical" else None
+    return label_noise(labels, kind, rate, NUM_CLASSES, seed=seed, groups=groups)
+
+
+def retrain_reference(demo: dict[str, Any], *, epochs: int = 100, lr: float = 3e-3,
+                      batch_size: int = 64, num_threads: int | None = 1) -> nn.Module:
+    """The "Retrain" reference: the same recipe on the clean subset of the training split (the
+    samples whose label was not corrupted), as in the SAP paper's tables."""
+    keep = ~demo["corrupted_train"]
+    seed = int(demo["seed"])
+    model = SmallCNN(NUM_CLASSES, seed=seed)
+    return train(model, demo["x_train"][keep], demo["y_train"][keep], epochs=epochs, lr=lr, seed=seed,
+                 batch_size=batch_size, num_threads=num_threads, desc="retraining (clean subset)")

@@ -96,9 +96,20 @@ def failing_layer_tracker(model: nn.Module):
             h.remove()
 
 
+_PROGRESS_DEFAULT: Optional[bool] = None  # what enabled=None means; the CLI's --quiet sets False
+
+
+def set_progress(enabled: Optional[bool]) -> None:
+    """Progress bars everywhere: None = on interactive terminals (default), False = never."""
+    global _PROGRESS_DEFAULT
+    _PROGRESS_DEFAULT = enabled
+
+
 def progress(iterable, *, desc: str, total: Optional[int] = None, enabled: Optional[bool] = None,
              unit: str = "it"):
     """A tqdm bar on interactive terminals (``enabled=None``), on demand, or none."""
+    if enabled is None:
+        enabled = _PROGRESS_DEFAULT
     if tqdm is None or enabled is False:
         return iterable
     return tqdm(iterable, desc=desc, total=total, disable=None if enabled is None else False,

@@ -8,10 +8,11 @@ and the update never builds a ``d × d`` matrix. Past ``d`` rows the Gram is sma
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict, Iterator, List, Mapping, Optional
 
 import torch
+
+from .io import atomic_write
 
 FORMAT = "sap_fast.stats"
 VERSION = 1
@@ -173,22 +174,11 @@ class Stats(Mapping[str, LayerStats]):
     __add__ = merge
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically: a temporary file in the same folder, then a rename."""
-        path = os.fspath(path)
+        """Write atomically (:func:`sap_fast.io.atomic_write`: a temporary file in the same
+        folder, then a rename; an existing file survives any failure)."""
         payload = {"format": FORMAT, "version": VERSION, "num_samples": self.num_samples,
                    "layers": {n: s.state() for n, s in self._layers.items()}}
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".sap_fast-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location="cpu") -> "Stats":

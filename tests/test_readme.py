@@ -23,3 +23,38 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     assert isinstance(scope["fixed"], nn.Module) and scope["trusted"][0].shape[0] == 1000
     assert (tmp_path / "stats.pt").exists()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_readme_command_line_runs(tmp_path):
+    """The command-line section, as written, on a tiny model and image folders."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    text = open(README, encoding="utf-8").read()
+    section = text[text.index("## Correct your own model from the command line"):]
+    script = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "mymodel.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(4, 2))\n")
+    torch.manual_seed(0)
+    save_file(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(4, 2)).state_dict(), str(tmp_path / "weights.safetensors"))
+    for split, count in (("train", 12), ("val", 4)):
+        for c, name in enumerate(("ant", "bee")):
+            os.makedirs(tmp_path / split / name)
+            for i in range(count):
+                pixels = (torch.rand(40, 40, 3) * 100 + 100 * c).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
+    script = script.replace("sap-fast ", f"{sys.executable} -m sap_fast ")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for path in ("fixed/corrected.safetensors", "fixed/report.json", "fixed/report.png", "fixed/stats.pt",
+                 "fixed2/corrected.safetensors"):
+        assert (tmp_path / path).is_file(), path
