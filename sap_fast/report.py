@@ -53,7 +53,8 @@ __all__ = ["report_data", "plot_report", "write_report", "layer_summary"]
 def _chosen_alpha(sweep, alpha) -> Tuple[Optional[float], Optional[str]]:
     """α* and where it came from: ``alpha`` when given, else the sweep's best (None = no projection)."""
     if alpha is not None:
-        return check_alpha(float(alpha) if hasattr(alpha, "item") else alpha, "alpha"), "given"
+        alpha = check_alpha(float(alpha) if hasattr(alpha, "item") else alpha, "alpha")
+        return alpha, "sweep" if sweep is not None and alpha == sweep.best_alpha else "given"
     if sweep is not None:
         return sweep.best_alpha, "sweep"
     return None, None
