@@ -136,9 +136,9 @@ def _native_padding(conv: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, Lis
 
 
 def native_conv_gram(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype,
-                     max_elements: int) -> Optional[Tuple[torch.Tensor, int]]:
-    """``(Gram (groups, d, d), rows)`` of one conv call from a native kernel, or None when no
-    native kernel serves this call (then the caller streams rows instead)."""
+                     max_elements: int) -> Optional[torch.Tensor]:
+    """The Gram ``(groups, d, d)`` of one conv call (its :func:`_conv_rows` rows) from a native
+    kernel, or None when no native kernel serves this call (then the caller streams rows)."""
     if backend.native() is None or x.dtype not in (torch.float32, torch.float64):
         return None
     on_cuda = x.device.type == "cuda"
@@ -147,15 +147,13 @@ def native_conv_gram(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype,
     stride_one = all(s == 1 for s in conv.stride)
     if not on_cuda and not (x.device.type == "cpu" and stride_one and math.prod(conv.kernel_size) > 1):
         return None  # on CPU only the shift-correlation kernel beats unfold + GEMM (benchmarks/)
-    rows = _conv_rows(conv, x)
     spatial = len(conv.kernel_size)
     if x.dim() == spatial + 1:
         x = x.unsqueeze(0)
     x, padding = _native_padding(conv, x)
     k, dil = list(conv.kernel_size), list(conv.dilation)
     if on_cuda:
-        return torch.ops.sap_fast.conv_gram(x, k, list(conv.stride), padding, dil, conv.groups,
-                                            dtype), rows
+        return torch.ops.sap_fast.conv_gram(x, k, list(conv.stride), padding, dil, conv.groups, dtype)
     # the shift kernel copies its input into a zero-margined buffer: bound it by whole samples
     margined = math.prod(x.shape[2 + i] + 2 * dil[i] * (k[i] - 1) for i in range(spatial))
     step = max(1, max_elements // (margined * x.shape[1]))
@@ -163,7 +161,7 @@ def native_conv_gram(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype,
     for part in x.split(step):
         g = torch.ops.sap_fast.conv_gram_shift(part, k, padding, dil, conv.groups, dtype)
         gram = g if gram is None else gram.add_(g)
-    return gram, rows
+    return gram
 
 
 def _records_for(records: Dict[str, LayerStats], names: List[str], new) -> List[LayerStats]:
@@ -230,10 +228,10 @@ def collect_stats(model: nn.Module, data, *, layers=None, batch_size: int = 256,
             # width; rows are needed while a record keeps them
             rows = _conv_rows(module, x)
             if all(r.mode == "gram" or r.count + rows > r.d for r in shared):
-                native = native_conv_gram(module, x, dtype, max_rows * first.d * first.groups)
-                if native is not None:
+                gram = native_conv_gram(module, x, dtype, max_rows * first.d * first.groups)
+                if gram is not None:
                     for record in shared:
-                        record.add_gram(native[0], native[1])
+                        record.add_gram(gram, rows)
                     return
         for chunk in row_chunks(first, module, x, max_rows, dtype):
             if input_precision != "fp32":
