@@ -9,11 +9,11 @@ from .backend import backend_info
 from .data import subset
 from .evaluate import evaluate
 from .project import correct
-from .select import select_trusted
+from .select import select_suspects, select_trusted
 from .stats import LayerStats, Stats
 from .sweep import DEFAULT_ALPHAS, SweepResult, SweepRow, sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "select_trusted", "collect_stats", "correct", "sweep", "Stats", "LayerStats",
+__all__ = ["backend_info", "select_trusted", "select_suspects", "collect_stats", "correct", "sweep", "Stats", "LayerStats",
            "SweepResult", "SweepRow", "DEFAULT_ALPHAS", "evaluate", "subset", "__version__"]
