@@ -4,6 +4,7 @@ The pipeline (one module per stage): :func:`select_trusted` → :func:`collect_s
 spectra → projection (:func:`correct`), and :func:`sweep` to choose α on a validation split.
 :mod:`sap_fast.reference` is the slow float64 oracle every fast path is tested against.
 """
+from . import distributed
 from .accumulate import collect_stats
 from .backend import backend_info
 from .data import subset

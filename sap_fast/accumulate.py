@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backend
+from . import backend, distributed
 from .forward import forward_batches, resolve_device
 from .layers import CONV_TYPES, Target, select_targets
 from .capture import Capture
@@ -186,7 +186,8 @@ def _records_for(records: Dict[str, LayerStats], names: List[str], new) -> List[
 
 def collect_stats(model: nn.Module, data, *, layers=None, batch_size: int = 256, device=None,
                   dtype: torch.dtype = torch.float64, chunk_rows: Optional[int] = None,
-                  input_precision: str = "fp32", show_progress: Optional[bool] = None) -> Stats:
+                  input_precision: str = "fp32", show_progress: Optional[bool] = None,
+                  process_group=None) -> Stats:
     """Streamed Gram of every covered layer's input over ``data`` (the trusted samples).
 
     Args:
@@ -202,6 +203,11 @@ def collect_stats(model: nn.Module, data, *, layers=None, batch_size: int = 256,
         input_precision: ``"fp32"`` (as is), or ``"tf32"``/``"bf16"`` to emulate tensor-core input
             rounding (for precision studies).
         show_progress: progress bar: None = on interactive terminals.
+        process_group: ``None`` = torch.distributed's default group when it is initialised
+            (else local), ``False`` = local, ``True`` or a ``ProcessGroup`` = that group
+            (:mod:`sap_fast.distributed`). Distributed: ``data`` is this rank's shard (it may be
+            empty); the local Grams are summed with a few bucketed ``all_reduce`` calls and every
+            rank gets the Stats of one process on the union of the shards (in rank order).
 
     Returns:
         :class:`Stats`, one record per target, in forward order. Targets that always read the
@@ -213,6 +219,27 @@ def collect_stats(model: nn.Module, data, *, layers=None, batch_size: int = 256,
         raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    group = distributed.resolve_group(process_group)
+    if group is None:
+        records, samples = _collect_local(model, data, layers, batch_size, device, dtype, chunk_rows,
+                                          input_precision, show_progress, allow_empty=False)
+        return Stats(records, samples)
+    local = {}
+
+    def run():  # the rank-local pass; its errors reach every rank through exchange()
+        local["records"], local["samples"] = _collect_local(
+            model, data, layers, batch_size, device, dtype, chunk_rows, input_precision,
+            show_progress, allow_empty=True)
+        return {"samples": local["samples"], "layers": distributed._layout(local["records"])}
+
+    layouts = distributed.exchange(group, run)
+    return distributed.reduce_stats(local["records"], local["samples"], layouts, group,
+                                    resolve_device(model, device), dtype)
+
+
+def _collect_local(model, data, layers, batch_size, device, dtype, chunk_rows, input_precision,
+                   show_progress, allow_empty: bool) -> Tuple[Dict[str, LayerStats], int]:
+    """One process's pass over ``data``: (records, samples). ``allow_empty``: a rank's empty shard."""
     targets = select_targets(model, layers)
     dev = resolve_device(model, device)
     records: Dict[str, LayerStats] = {}
@@ -242,12 +269,13 @@ def collect_stats(model: nn.Module, data, *, layers=None, batch_size: int = 256,
     samples = 0
     with Capture(model, targets, sink):
         for x, _, _ in forward_batches(model, data, batch_size=batch_size, device=dev,
-                                       what="data", desc="statistics", show_progress=show_progress):
+                                       what="data", desc="statistics", show_progress=show_progress,
+                                       allow_empty=allow_empty):
             samples += x.shape[0]
-    if not records:
+    if not records and samples:
         raise ValueError("no covered layer ran during the forward pass; check layers= and the model")
     for name, record in records.items():  # forward order: the first bad layer is the culprit
         if not record.is_finite():
             raise ValueError(f"non-finite activations (NaN/Inf) reach layer '{name}'; check the "
                              "inputs and the layers before it")
-    return Stats(records, samples)
+    return records, samples

@@ -45,17 +45,25 @@ class Evaluation:
 def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None,
              what: str = "data", show_progress: Optional[bool] = None) -> Evaluation:
     """Accuracy and mean cross-entropy of ``model`` on labelled ``data`` (eval mode, no grad)."""
+    correct, loss, n = evaluation_sums(model, data, batch_size=batch_size, device=device, what=what,
+                                       show_progress=show_progress)
+    return Evaluation(correct / n, loss / n, n)
+
+
+def evaluation_sums(model: nn.Module, data, *, batch_size: int = 256, device=None, what: str = "data",
+                    show_progress: Optional[bool] = None, allow_empty: bool = False):
+    """``(correct, summed cross-entropy, samples)`` over ``data``: the sums that shards add up."""
     dev = resolve_device(model, device)
     correct, loss, n = 0, 0.0, 0
     for _, y, out in forward_batches(model, data, batch_size=batch_size, device=dev,
                                      need_targets=True, what=what, desc="evaluate",
-                                     show_progress=show_progress):
+                                     show_progress=show_progress, allow_empty=allow_empty):
         logits = classifier_logits(out, what)
         y = check_targets(y, logits.shape[1], what)
         correct += int((logits.argmax(1) == y).sum())
         loss += float(F.cross_entropy(logits.double(), y, reduction="sum"))
         n += y.numel()
-    return Evaluation(correct / n, loss / n, n)
+    return correct, loss, n
 
 
 def _label_tensor(y, what: str) -> torch.Tensor:

@@ -118,12 +118,13 @@ def progress(iterable, *, desc: str, total: Optional[int] = None, enabled: Optio
 
 def forward_batches(model: nn.Module, data, *, batch_size: int, device: torch.device,
                     need_targets: bool = False, what: str = "data", desc: str = "forward",
-                    show_progress: Optional[bool] = None,
+                    show_progress: Optional[bool] = None, allow_empty: bool = False,
                     ) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
     """Yield ``(inputs, targets, outputs)`` per batch, with the model in eval mode and no grad.
 
-    Raises one-line errors for empty data, missing targets, integer inputs to a float model,
-    and for inputs the model rejects (naming the innermost layer that raised).
+    Raises one-line errors for empty data (unless ``allow_empty``: a rank's empty shard),
+    missing targets, integer inputs to a float model, and for inputs the model rejects (naming
+    the innermost layer that raised).
     """
     check_batch_size(batch_size)
     n = num_samples(data)
@@ -155,5 +156,5 @@ def forward_batches(model: nn.Module, data, *, batch_size: int, device: torch.de
                                  f"{first}") from exc
             seen += x.shape[0]
             yield x, y, out
-    if seen == 0:
+    if seen == 0 and not allow_empty:
         raise ValueError(f"{what} is empty; pass at least one sample")

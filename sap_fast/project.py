@@ -42,10 +42,10 @@ def projected_weight(weight: torch.Tensor, spectrum: LayerSpectrum, alpha: float
 class Projector:
     """The spectra and original weights of a model's targets; applies any α to a model copy."""
 
-    def __init__(self, model: nn.Module, targets: List[Target], stats: Stats):
+    def __init__(self, model: nn.Module, targets: List[Target], stats: Stats, process_group=None):
         modules = dict(model.named_modules())
         self.targets = targets
-        self.spectra = spectra(stats, [t.name for t in targets])
+        self.spectra = spectra(stats, [t.name for t in targets], process_group)
         self.weights: Dict[str, torch.Tensor] = {}
         self.weight_bases: Dict[str, torch.Tensor] = {}
         for t in targets:
@@ -94,11 +94,12 @@ def targets_with_stats(model: nn.Module, layers, stats: Stats) -> List[Target]:
     return usable
 
 
-def _stats_for(model, data, stats, layers, batch_size, device, what="data") -> Stats:
+def _stats_for(model, data, stats, layers, batch_size, device, what="data", process_group=None) -> Stats:
     if stats is None:
         if data is None:
             raise ValueError("pass the trusted samples as data= or precomputed stats=")
-        return collect_stats(model, data, layers=layers, batch_size=batch_size, device=device)
+        return collect_stats(model, data, layers=layers, batch_size=batch_size, device=device,
+                             process_group=process_group)
     if data is not None:
         raise ValueError("pass either the trusted samples (data=) or precomputed stats=, not both")
     if not isinstance(stats, Stats):
@@ -108,7 +109,8 @@ def _stats_for(model, data, stats, layers, batch_size, device, what="data") -> S
 
 
 def correct(model: nn.Module, data=None, *, alpha: float = 30000.0, stats: Optional[Stats] = None,
-            layers=None, inplace: bool = False, batch_size: int = 256, device=None) -> nn.Module:
+            layers=None, inplace: bool = False, batch_size: int = 256, device=None,
+            process_group=None) -> nn.Module:
     """SAP: project every covered layer's weight onto the trusted samples' activation space.
 
     Args:
@@ -120,15 +122,20 @@ def correct(model: nn.Module, data=None, *, alpha: float = 30000.0, stats: Optio
         inplace: write into ``model`` itself; otherwise a corrected copy is returned and
             ``model`` is never touched.
         batch_size, device: as in :func:`collect_stats`.
+        process_group: ``None`` = torch.distributed's default group when it is initialised (else
+            local), ``False`` = local, ``True`` or a ``ProcessGroup`` = that group. Distributed:
+            ``data`` is this rank's shard of the trusted samples (or ``stats`` the Stats every rank
+            got from :func:`collect_stats`), the spectra are spread over the ranks and broadcast,
+            and every rank gets identical weights (the model must be the same on every rank).
 
     Returns:
         The corrected model (``model`` itself when ``inplace=True``).
     """
     alpha = check_alpha(alpha)
     check_batch_size(batch_size)
-    stats = _stats_for(model, data, stats, layers, batch_size, device)
+    stats = _stats_for(model, data, stats, layers, batch_size, device, process_group=process_group)
     targets = targets_with_stats(model, layers, stats)
-    projector = Projector(model, targets, stats)
+    projector = Projector(model, targets, stats, process_group)
     out = model if inplace else copy.deepcopy(model)
     projector.apply(out, alpha)
     return out

@@ -11,7 +11,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from . import backend
+from . import backend, distributed
 from .stats import LayerStats, Stats
 
 
@@ -71,18 +71,64 @@ def _same_statistics(a: LayerStats, b: LayerStats) -> bool:
     return torch.equal(a.gram, b.gram)
 
 
-def spectra(stats: Stats, names: Optional[Iterable[str]] = None) -> Dict[str, LayerSpectrum]:
+def spectra(stats: Stats, names: Optional[Iterable[str]] = None,
+            process_group=None) -> Dict[str, LayerSpectrum]:
     """Spectra of the named records; records with identical statistics (the q/k/v of a
-    self-attention layer) share one decomposition."""
+    self-attention layer) share one decomposition.
+
+    ``process_group`` (see :mod:`sap_fast.distributed`; ``None`` = the default group when
+    torch.distributed is initialised): the decompositions are spread over the ranks (largest
+    first, to the least-loaded rank) and broadcast, so each is computed once and every rank gets
+    bitwise identical spectra. ``stats`` must be the same on every rank (as
+    :func:`sap_fast.collect_stats` returns them in a distributed job); this is checked.
+    """
+    group = distributed.resolve_group(process_group)
     out: Dict[str, LayerSpectrum] = {}
     done = []  # (record, spectrum) already decomposed
-    for name in (stats if names is None else names):
+    if group is None:
+        for name in (stats if names is None else names):
+            record = stats[name]
+            for seen, spec in done:
+                if _same_statistics(seen, record):
+                    out[name] = spec
+                    break
+            else:
+                out[name] = layer_spectrum(record)
+                done.append((record, out[name]))
+        return out
+    return _spread_spectra(stats, list(stats if names is None else names), group)
+
+
+def _fingerprint(name: str, record: LayerStats) -> tuple:
+    data = record.gram.diagonal(dim1=-2, dim2=-1) if record.mode == "gram" else record.rows.square()
+    return name, record.mode, record.count, record.d, record.groups, float(data.double().sum())
+
+
+def _spread_spectra(stats: Stats, names: list, group) -> Dict[str, LayerSpectrum]:
+    prints = distributed.exchange(group, lambda: [_fingerprint(n, stats[n]) for n in names])
+    for r, theirs in enumerate(prints):
+        if theirs != prints[0]:
+            bad = next((a[0] for a, b in zip(prints[0], theirs) if a != b), names[0] if names else "?")
+            raise ValueError(f"stats differ between rank 0 and rank {r} (layer '{bad}'); collect them "
+                             "with collect_stats on every rank of the group, or pass process_group=False")
+    jobs: list = []       # distinct records
+    which: Dict[str, int] = {}
+    for name in names:
         record = stats[name]
-        for seen, spec in done:
-            if _same_statistics(seen, record):
-                out[name] = spec
-                break
-        else:
-            out[name] = layer_spectrum(record)
-            done.append((record, out[name]))
-    return out
+        which[name] = next((i for i, seen in enumerate(jobs) if _same_statistics(seen, record)), len(jobs))
+        if which[name] == len(jobs):
+            jobs.append(record)
+    costs, shapes = [], []
+    for rec in jobs:
+        r = rec.d if rec.mode == "gram" else rec.count
+        costs.append(rec.groups * rec.d * r * r)
+        shapes.append([((rec.groups, r), torch.float64, rec.device),
+                       ((rec.groups, rec.d, r), torch.float64, rec.device)])
+
+    def compute(i):
+        spec = layer_spectrum(jobs[i])
+        return [spec.eigvals, spec.basis]
+
+    results = distributed.spread(costs, shapes, compute, group)
+    specs = [LayerSpectrum(e, u) for e, u in results]
+    return {name: specs[which[name]] for name in names}

@@ -15,7 +15,8 @@ from typing import List, Optional
 
 from torch import nn
 
-from .evaluate import Evaluation, evaluate
+from . import distributed
+from .evaluate import Evaluation, evaluate, evaluation_sums
 from .forward import check_alpha, check_batch_size, progress
 from .project import Projector, _stats_for, targets_with_stats
 from .stats import Stats
@@ -73,7 +74,7 @@ def _check_alphas(alphas) -> tuple:
 
 def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = None,
           layers=None, batch_size: int = 256, device=None, refine_steps: int = 8,
-          show_progress: Optional[bool] = None) -> SweepResult:
+          show_progress: Optional[bool] = None, process_group=None) -> SweepResult:
     """Pick α on the (noisy) validation split ``val``.
 
     Args:
@@ -84,6 +85,11 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
             then a golden-section refinement on log α around the best grid point.
         stats: precomputed :class:`Stats`; layers, batch_size, device: as in :func:`correct`.
         refine_steps: evaluations spent by ``"auto"`` refinement.
+        process_group: as in :func:`sap_fast.correct` (``None`` = torch.distributed's default
+            group when it is initialised). Distributed: ``data`` and ``val`` are this rank's
+            shards (``val`` may also be the whole split on every rank, or empty on some); the
+            validation counts are summed over the ranks, so every rank picks the same α and
+            ends with identical weights.
 
     Returns:
         :class:`SweepResult` with the best α (None = no projection won), the corrected copy at
@@ -93,16 +99,29 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
     check_batch_size(batch_size)
     if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 2:
         raise ValueError(f"refine_steps must be an int >= 2, got {refine_steps!r}")
-    stats = _stats_for(model, data, stats, layers, batch_size, device)
+    group = distributed.resolve_group(process_group)
+    stats = _stats_for(model, data, stats, layers, batch_size, device, process_group=process_group)
     targets = targets_with_stats(model, layers, stats)
-    projector = Projector(model, targets, stats)
+    projector = Projector(model, targets, stats, process_group)
     work = copy.deepcopy(model)
     table: List[SweepRow] = []
     scores = {}
 
-    def score(alpha: Optional[float], refined: bool = False):
+    def local_sums(alpha):
         projector.apply(work, alpha)
-        e = evaluate(work, val, batch_size=batch_size, device=device, what="val", show_progress=False)
+        return evaluation_sums(work, val, batch_size=batch_size, device=device, what="val",
+                               show_progress=False, allow_empty=True)
+
+    def score(alpha: Optional[float], refined: bool = False):
+        if group is None:
+            projector.apply(work, alpha)
+            e = evaluate(work, val, batch_size=batch_size, device=device, what="val", show_progress=False)
+        else:  # every rank sums the same per-rank counts in rank order: the same key everywhere
+            sums = distributed.exchange(group, lambda: local_sums(alpha))
+            correct, loss, n = (sum(s[i] for s in sums) for i in range(3))
+            if n == 0:
+                raise ValueError("val is empty on every rank; pass at least one sample")
+            e = Evaluation(correct / n, loss / n, n)
         table.append(SweepRow(alpha, e.accuracy, e.loss, refined))
         scores[alpha] = _key(e)
         return scores[alpha]
