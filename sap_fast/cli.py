@@ -2,6 +2,7 @@
 
     sap-fast demo      the embedded digits demo (noisy labels → SAP), with report.png/report.json
     sap-fast correct   correct your own model from a folder of images or a .pt file
+    sap-fast compare   SAP beside Finetune, SSD, SCRUB, GA, RL, UGradSL(+), ManiF-SMC on the digits
     sap-fast bench     the benchmark suite that fits this machine
 
 Errors in what was asked (bad paths, unreadable checkpoints, class counts that do not match, a
@@ -19,6 +20,7 @@ from typing import List, Optional
 
 import torch
 
+from . import compare as compare_cmd
 from . import demo as demo_cmd
 from .forward import set_progress
 from .load import LoadError
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     common.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,correct,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,correct,compare,bench}")
 
     demo = commands.add_parser("demo", parents=[common], help="digits with label noise, repaired by SAP",
                                description=demo_cmd.__doc__.split("\n\n")[0])
@@ -73,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu")
     run.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     fix.set_defaults(run=run_correct)
+
+    cmp = commands.add_parser("compare", parents=[common], help="SAP beside the other correctors (digits)",
+                              description=compare_cmd.__doc__.split("\n\n")[0])
+    compare_cmd.add_arguments(cmp)
+    cmp.set_defaults(run=compare_cmd.run)
 
     bench = commands.add_parser("bench", parents=[common], help="benchmarks that fit this machine")
     bench.add_argument("--quick", action="store_true", help="fewer cases")

@@ -90,7 +90,8 @@ def noisy_model(seed: int, noise: str, rate: float, epochs: int, cache: Optional
     return digits.make_noisy_model(seed, noise_rate=rate, noise_kind=noise, epochs=epochs, weights=state)
 
 
-def retrain_accuracy(demo: dict, noise: str, rate: float, epochs: int, cache: Optional[str]) -> float:
+def retrain_model(demo: dict, noise: str, rate: float, epochs: int, cache: Optional[str]):
+    """The Retrain reference (trained on the samples not marked ``corrupted_train``), cached."""
     key = dict(what="retrain", seed=demo["seed"], noise=noise, rate=rate, epochs=epochs, version=CACHE_VERSION)
 
     def build():
@@ -98,7 +99,12 @@ def retrain_accuracy(demo: dict, noise: str, rate: float, epochs: int, cache: Op
 
     model = digits.SmallCNN(digits.NUM_CLASSES)
     model.load_state_dict(_cached(cache, key, build))
-    return digits.accuracy(model.eval(), demo["x_test"], demo["y_test"])
+    return model.eval()
+
+
+def retrain_accuracy(demo: dict, noise: str, rate: float, epochs: int, cache: Optional[str]) -> float:
+    model = retrain_model(demo, noise, rate, epochs, cache)
+    return digits.accuracy(model, demo["x_test"], demo["y_test"])
 
 
 def run_seed(seed: int, noise: float = 0.25, trusted: int = 300, alphas=None, *, kind: str = "symmetric",

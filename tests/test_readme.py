@@ -58,3 +58,21 @@ def test_readme_command_line_runs(tmp_path):
     for path in ("fixed/corrected.safetensors", "fixed/report.json", "fixed/report.png", "fixed/stats.pt",
                  "fixed2/corrected.safetensors"):
         assert (tmp_path / path).is_file(), path
+
+
+def test_readme_baselines_snippet_runs():
+    """The "Compare with other correctors" snippet, as written, on a tiny memorising model."""
+    from baseline_support import noisy_blobs
+
+    text = open(README, encoding="utf-8").read()
+    section = text[text.index("## Compare with other correctors"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    model, retain, forget, test = noisy_blobs()
+    x = torch.cat([retain[0], forget[0]] * 4)  # 1600 samples, enough for n=1000 and n=200
+    y = torch.cat([retain[1], forget[1]] * 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scope = {"model": model, "train_data": (x, y)}
+    exec(compile(code, "README baselines", "exec"), scope)
+    assert isinstance(scope["fixed"], nn.Module) and scope["fixed"] is not model
+    assert len(scope["suspects"]) == 200 and len(scope["trusted"]) == 1000
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
