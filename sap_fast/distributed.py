@@ -28,7 +28,6 @@ by the process group's timeout (pass ``timeout=`` to ``init_process_group``).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch

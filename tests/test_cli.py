@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("PIL")
 pytest.importorskip("safetensors")
