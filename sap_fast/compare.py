@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import statistics
@@ -70,7 +71,26 @@ class Corrector:
 # samples) are Finetune 5000, SSD 5000/1000, SCRUB 1000/200, SAP 1000; scaled to digits: SAP keeps
 # the demo's 300 trusted samples, SCRUB 300/60, and Finetune, SSD and the methods with no
 # published corrective budget 600/120 (methods.md: "reuse SSD's ... and report the choice").
-def correctors() -> Dict[str, Corrector]:
+def correctors(budgets: Optional[Dict[str, tuple]] = None) -> Dict[str, Corrector]:
+    """The methods as the harness runs them; ``budgets`` overrides sizes: ``{name: (retain, forget)}``."""
+    table = _default_correctors()
+    for name, budget in (budgets or {}).items():
+        if name not in table:
+            raise ValueError(f"budget for unknown method {name!r}; choose from {', '.join(table)}")
+        retain, forget = budget
+        c = table[name]
+        if isinstance(retain, bool) or not isinstance(retain, int) or retain < 1:
+            raise ValueError(f"{name}: the retain budget must be a positive int, got {retain!r}")
+        if c.forget == 0 and forget:
+            raise ValueError(f"{name} uses no forget set; give its budget as {name}={retain}")
+        if c.forget and (isinstance(forget, bool) or not isinstance(forget, int) or forget < 1):
+            raise ValueError(f"{name}: the forget budget must be a positive int, got {forget!r}; "
+                             f"give it as {name}={retain}/<forget>")
+        table[name] = dataclasses.replace(c, retain=retain, forget=forget if c.forget else 0)
+    return table
+
+
+def _default_correctors() -> Dict[str, Corrector]:
     return {c.name: c for c in [
         Corrector("finetune", "Finetune", 600,
                   grid=_grid(lr=[3e-2, 1e-1, 3e-1], epochs=[10, 20, 40]), uses_val=True),
@@ -158,8 +178,8 @@ def _with_grid(c: Corrector, grid: str) -> Corrector:
 
 
 def compare_correctors(model: nn.Module, train, val, test, *, methods: Optional[List[str]] = None,
-                       seed: int = 0, grid: str = "search",
-                       alphas=None) -> Dict[str, Outcome]:
+                       seed: int = 0, grid: str = "search", alphas=None,
+                       budgets: Optional[Dict[str, tuple]] = None) -> Dict[str, Outcome]:
     """Every method of :func:`correctors` (or ``methods``) on one noisy model.
 
     Args:
@@ -168,9 +188,10 @@ def compare_correctors(model: nn.Module, train, val, test, *, methods: Optional[
             (selection), clean test set (only reported).
         grid: ``"search"`` (each method's grid) or ``"defaults"`` (one trial at the defaults).
         alphas: SAP's α candidates (None = its default grid).
+        budgets: ``{name: (retain, forget)}`` sample budgets replacing the defaults.
     """
     import sap_fast
-    table = correctors()
+    table = correctors(budgets)
     names = list(table) if methods is None else methods
     for n in names:
         if n not in table:
@@ -262,6 +283,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=None,
                         help=f"subset of: {', '.join(correctors())} (default: all)")
+    parser.add_argument("--budget", action="append", default=[], metavar="METHOD=RETAIN[/FORGET]",
+                        help="sample budget of a method, e.g. sap=600 or scrub=600/120 (repeatable)")
     parser.add_argument("--grid", choices=["search", "defaults"], default="search",
                         help="search: each method's small grid; defaults: one trial per method")
     parser.add_argument("--epochs", type=int, default=100, help="training epochs of the noisy/clean CNNs")
@@ -272,6 +295,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for compare.json, compare.md and compare.png (created)")
     parser.add_argument("--cache", default=None, help="trained-model cache (default: the demo's)")
     parser.add_argument("--no-cache", action="store_true")
+
+
+def _budgets(items: List[str]) -> Dict[str, tuple]:
+    """``["sap=600", "scrub=600/120"]`` → ``{"sap": (600, 0), "scrub": (600, 120)}``."""
+    out = {}
+    for item in items:
+        name, _, sizes = item.partition("=")
+        try:
+            retain, _, forget = sizes.partition("/")
+            out[name.strip()] = (int(retain), int(forget) if forget else 0)
+        except ValueError:
+            raise ValueError(f"--budget {item!r}: use METHOD=RETAIN or METHOD=RETAIN/FORGET, "
+                             "e.g. sap=600 or scrub=600/120") from None
+    return out
 
 
 def _mean_std(values: List[float], scale: float = 100.0) -> str:
@@ -291,7 +328,7 @@ def _privacy_split(n: int, fraction: float, seed: int):
 def run(args: argparse.Namespace) -> int:
     """The ``compare`` command (arguments from :func:`add_arguments`)."""
     from . import demo
-    table = correctors()
+    table = correctors(_budgets(args.budget))
     methods = args.methods or list(table)
     for m in methods:
         if m not in table:
@@ -314,7 +351,8 @@ def run(args: argparse.Namespace) -> int:
             d = demo.noisy_model(seed, kind, rate, args.epochs, cache)
             train = (d["x_train"], d["y_train_noisy"])
             val, test = (d["x_val"], d["y_val_noisy"]), (d["x_test"], d["y_test"])
-            out = compare_correctors(d["model"], train, val, test, methods=methods, seed=seed, grid=args.grid)
+            out = compare_correctors(d["model"], train, val, test, methods=methods, seed=seed, grid=args.grid,
+                                     budgets=_budgets(args.budget))
             rows = corrective.setdefault(setting, {})
             rows.setdefault("vanilla", []).append({"seed": seed, "test": d["test_acc"], "trials": 0})
             rows.setdefault("retrain", []).append(
@@ -351,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
             gaps = ", ".join(f"{n} gap {o.extra['avg_gap']:.2f}" for n, o in out.items())
             print(f"privacy seed {seed}: {gaps}", flush=True)
 
-    md = markdown(corrective, privacy, methods, args)
+    md = markdown(corrective, privacy, methods, args, table)
     print("\n" + md)
     result = {"command": "compare", "settings": {s: SETTINGS[s] for s in args.settings}, "seeds": args.seeds,
               "grid": args.grid, "epochs": args.epochs, "forget_fraction": args.forget_fraction,
@@ -387,8 +425,7 @@ def _environment() -> dict:
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
 
 
-def markdown(corrective, privacy, methods, args) -> str:
-    table = correctors()
+def markdown(corrective, privacy, methods, args, table: Dict[str, Corrector]) -> str:
     lines = []
     if corrective:
         settings = list(corrective)

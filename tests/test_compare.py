@@ -127,3 +127,23 @@ def test_cli_compare_bad_method_exits_2(capsys):
     assert main(["compare", "--methods", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown method 'nope'" in err[0]
+
+
+def test_budgets_override_and_their_errors():
+    table = compare.correctors({"sap": (600, 0), "scrub": (600, 120)})
+    assert (table["sap"].retain, table["sap"].forget) == (600, 0)
+    assert (table["scrub"].retain, table["scrub"].forget) == (600, 120)
+    assert table["scrub"].grid == compare.correctors()["scrub"].grid
+    for bad, match in [({"nope": (1, 0)}, "unknown method 'nope'"), ({"sap": (600, 10)}, "uses no forget set"),
+                       ({"scrub": (600, 0)}, "forget budget"), ({"ssd": (0, 10)}, "retain budget")]:
+        with pytest.raises(ValueError, match=match):
+            compare.correctors(bad)
+    model, train, val, test = _problem()
+    out = compare_correctors(model, train, val, test, methods=["sap"], grid="defaults", budgets={"sap": (40, 0)})
+    assert len(out["sap"].extra["retain_idx"]) == 40
+
+
+def test_cli_budget_syntax_error_exits_2(capsys):
+    from sap_fast.cli import main
+    assert main(["compare", "--budget", "sap:600"]) == 2
+    assert "use METHOD=RETAIN" in capsys.readouterr().err
