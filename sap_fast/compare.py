@@ -1,7 +1,8 @@
 """SAP and the methods it is compared with, side by side, each with a small hyperparameter search.
 
     sap-fast compare [--settings sym10 sym25 asym25] [--seeds 0 1 2] [--methods ...]
-                     [--grid search|defaults] [--no-privacy] [--out sap_fast_out/compare]
+                     [--budget sap=600 ...] [--grid search|defaults] [--no-privacy]
+                     [--out sap_fast_out/compare]
     (benchmarks/compare_methods.py runs the full table and writes it to benchmarks/results/)
 
 **Corrective setting** (the SAP paper's): a model trained on noisy labels; nobody knows which
