@@ -10,11 +10,12 @@ from .backend import backend_info
 from .data import subset
 from .evaluate import evaluate
 from .project import correct
-from .select import select_suspects, select_trusted
+from .select import lowest_per_class, sample_scores, select_suspects, select_trusted
 from .stats import LayerStats, Stats
 from .sweep import DEFAULT_ALPHAS, SweepResult, SweepRow, sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "select_trusted", "select_suspects", "collect_stats", "correct", "sweep", "Stats", "LayerStats",
+__all__ = ["backend_info", "select_trusted", "select_suspects", "sample_scores", "lowest_per_class",
+           "collect_stats", "correct", "sweep", "Stats", "LayerStats",
            "SweepResult", "SweepRow", "DEFAULT_ALPHAS", "evaluate", "subset", "__version__"]

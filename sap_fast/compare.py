@@ -36,7 +36,7 @@ from torch import nn
 from . import baselines, io
 from .evaluate import evaluate
 from .forward import progress
-from .select import select_suspects, select_trusted
+from .select import lowest_per_class, sample_scores
 from .unlearning_metrics import KEYS, avg_gap, unlearning_metrics
 
 SETTINGS = {"sym10": ("symmetric", 0.10), "sym25": ("symmetric", 0.25), "asym25": ("asymmetric", 0.25)}
@@ -171,6 +171,11 @@ def search(corrector: Corrector, model: nn.Module, retain, forget, *, seed: int,
     return best, best_hp, trials
 
 
+def _chosen_metrics(trials: List[Trial], chosen) -> Optional[dict]:
+    """The metrics recorded when the chosen trial ran (None when no trial was chosen)."""
+    return next((t.metrics for t in trials if t.hyperparameters is chosen), None)
+
+
 def _with_grid(c: Corrector, grid: str) -> Corrector:
     if grid not in ("search", "defaults"):
         raise ValueError(f"grid must be 'search' or 'defaults', got {grid!r}")
@@ -198,29 +203,31 @@ def compare_correctors(model: nn.Module, train, val, test, *, methods: Optional[
         if n not in table:
             raise ValueError(f"unknown method {n!r}; choose from {', '.join(table)}")
     results: Dict[str, Outcome] = {}
-    suspects_cache: Dict[tuple, tuple] = {}
+    # one scoring pass serves every budget (select_suspects / select_trusted rank these scores)
+    t = time.perf_counter()
+    scores, labels, classes = sample_scores(model, train, show_progress=False)
+    score_s = time.perf_counter() - t
+    sets_cache: Dict[tuple, tuple] = {}
 
     def sets(c: Corrector):
-        """Retain/forget sets for a budget, and the time the selection took (shared scoring)."""
+        """Retain/forget sets for a budget, and the time the selection took (scoring included)."""
         key = (c.retain, c.forget)
-        if key not in suspects_cache:
+        if key not in sets_cache:
             t = time.perf_counter()
             n = len(train[1])
             if c.forget >= n:
                 raise ValueError(f"{c.name}: a forget set of {c.forget} needs more than the {n} training samples")
-            f = select_suspects(model, train, n=c.forget, show_progress=False) if c.forget else None
+            f = lowest_per_class(-scores, labels, classes, c.forget) if c.forget else None
             # trusted samples from the rest, so retain and forget never share a sample
             rest = torch.ones(n, dtype=torch.bool)
             if f is not None:
                 rest[f] = False
             rest = rest.nonzero().flatten()
-            pick = select_trusted(model, (train[0][rest], train[1][rest]), n=min(c.retain, rest.numel()),
-                                  show_progress=False)
-            r = rest[pick]
-            took = time.perf_counter() - t
-            suspects_cache[key] = ((train[0][r], train[1][r]), None if f is None else (train[0][f], train[1][f]),
-                                   took, r, f)
-        return suspects_cache[key]
+            r = rest[lowest_per_class(scores[rest], labels[rest], classes, min(c.retain, rest.numel()))]
+            took = time.perf_counter() - t + score_s
+            sets_cache[key] = ((train[0][r], train[1][r]), None if f is None else (train[0][f], train[1][f]),
+                               took, r, f)
+        return sets_cache[key]
 
     for name in progress(names, desc="methods", total=len(names)):
         c = table[name]
@@ -229,16 +236,18 @@ def compare_correctors(model: nn.Module, train, val, test, *, methods: Optional[
         if c.run is None:  # SAP: statistics once, then its α sweep (identity included)
             stats = sap_fast.collect_stats(model, retain[0], show_progress=False)
             swept = sap_fast.sweep(model, None, val, stats=stats, alphas=alphas, show_progress=False)
-            best, chosen = swept.model, {"alpha": swept.best_alpha}
+            best = swept.model
             trials = [Trial({"alpha": row.alpha}, {"val_accuracy": row.val_accuracy, "val_loss": row.val_loss})
                       for row in swept.table]
+            chosen = next(t.hyperparameters for t, row in zip(trials, swept.table) if row is swept.best)
         else:
             best, chosen, trials = search(_with_grid(c, grid), model, retain, forget, seed=seed,
                                           score=validation_score(val), val=val)
         seconds = time.perf_counter() - t + select_s
-        val_e = evaluate(best, val, show_progress=False)
-        results[name] = Outcome(name, evaluate(best, test, show_progress=False).accuracy, val_e.accuracy,
-                                len(trials), seconds, chosen, trials,
+        metrics = _chosen_metrics(trials, chosen) or {
+            "val_accuracy": evaluate(best, val, show_progress=False).accuracy}  # every trial diverged
+        results[name] = Outcome(name, evaluate(best, test, show_progress=False).accuracy,
+                                metrics["val_accuracy"], len(trials), seconds, chosen, trials,
                                 {"retain_idx": r_idx.tolist(),
                                  "forget_idx": None if f_idx is None else f_idx.tolist()})
     return results
@@ -267,7 +276,7 @@ def compare_privacy(model: nn.Module, retain, forget, test, retrained: nn.Module
         best, chosen, trials = search(_with_grid(c, grid), model, retain, forget, seed=seed,
                                       score=gap_score, val=retain)
         seconds = time.perf_counter() - t
-        _, m = gap_score(best)
+        m = _chosen_metrics(trials, chosen) or gap_score(best)[1]  # the latter: every trial diverged
         results[name] = Outcome(name, m["TA"] / 100, math.nan, len(trials), seconds, chosen, trials,
                                 {"metrics": {k: m[k] for k in KEYS}, "avg_gap": m["avg_gap"]})
     before = unlearning_metrics(model, retain, forget, test, attack=attack)
@@ -329,7 +338,8 @@ def _privacy_split(n: int, fraction: float, seed: int):
 def run(args: argparse.Namespace) -> int:
     """The ``compare`` command (arguments from :func:`add_arguments`)."""
     from . import demo
-    table = correctors(_budgets(args.budget))
+    budgets = _budgets(args.budget)
+    table = correctors(budgets)
     methods = args.methods or list(table)
     for m in methods:
         if m not in table:
@@ -353,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
             train = (d["x_train"], d["y_train_noisy"])
             val, test = (d["x_val"], d["y_val_noisy"]), (d["x_test"], d["y_test"])
             out = compare_correctors(d["model"], train, val, test, methods=methods, seed=seed, grid=args.grid,
-                                     budgets=_budgets(args.budget))
+                                     budgets=budgets)
             rows = corrective.setdefault(setting, {})
             rows.setdefault("vanilla", []).append({"seed": seed, "test": d["test_acc"], "trials": 0})
             rows.setdefault("retrain", []).append(

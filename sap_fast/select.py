@@ -99,6 +99,17 @@ def _scores(model, data, score, batch_size, device, curvature_iters, curvature_h
                              show_progress, allow_empty)
 
 
+def sample_scores(model: nn.Module, data, *, score: str = "loss", batch_size: int = 256, device=None,
+                  curvature_iters: int = 10, curvature_h: float = 1e-3, seed: int = 0,
+                  show_progress: Optional[bool] = None):
+    """``(scores, labels, classes)``: the per-sample scores :func:`select_trusted` and
+    :func:`select_suspects` rank (arguments as theirs), for callers that need several
+    selections from one scoring pass (e.g. :func:`lowest_per_class` of ``scores`` and of
+    ``-scores``)."""
+    return _scores(model, data, score, batch_size, device, curvature_iters, curvature_h, seed,
+                   show_progress)
+
+
 def _check_n(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")

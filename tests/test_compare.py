@@ -67,6 +67,9 @@ def test_compare_correctors_runs_each_method_and_leaves_the_model():
     assert not set(out["gradient_ascent"].extra["forget_idx"]) & set(out["gradient_ascent"].extra["retain_idx"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+    # the kept model's validation accuracy is the one its trial recorded
+    assert out["gradient_ascent"].val_accuracy == out["gradient_ascent"].table[0].metrics["val_accuracy"]
+    assert out["sap"].val_accuracy == max(t.metrics["val_accuracy"] for t in out["sap"].table)
     for o in out.values():
         assert 0 <= o.test_accuracy <= 1 and o.seconds > 0
 

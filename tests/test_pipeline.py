@@ -143,6 +143,28 @@ def test_select_trusted_avoids_planted_wrong_labels(class_balanced):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("class_balanced", [True, False])
+def test_select_suspects_finds_planted_wrong_labels(class_balanced):
+    model, x, noisy, flipped = _planted_noise(12)
+    snap = snapshot(model)
+    idx = sap_fast.select_suspects(model, (x, noisy), n=60, class_balanced=class_balanced)
+    assert idx.dtype == torch.long and idx.numel() == 60 and idx.unique().numel() == 60
+    assert flipped[idx].float().mean() >= 0.95  # 82 of the 400 labels are wrong: nearly every pick
+    if class_balanced:
+        assert torch.bincount(noisy[idx], minlength=4).min() >= 15
+    # the highest scores of the same pass select_trusted ranks, never a trusted sample
+    scores, labels, classes = sap_fast.sample_scores(model, (x, noisy))
+    assert torch.equal(idx, sap_fast.lowest_per_class(-scores, labels, classes, 60, class_balanced))
+    trusted = sap_fast.select_trusted(model, (x, noisy), n=200, class_balanced=class_balanced)
+    assert not set(idx.tolist()) & set(trusted.tolist())
+    assert_unchanged(model, snap)
+    for bad, match in [(dict(n=0), "n must be a positive int"), (dict(n=10, score="entropy"), "score must be")]:
+        with pytest.raises(ValueError, match=match):
+            sap_fast.select_suspects(model, (x, noisy), **bad)
+    with pytest.raises(ValueError, match="score must be"):
+        sap_fast.sample_scores(model, (x, noisy), score="entropy")
+
+
 def test_select_trusted_curvature_prefers_confident_samples():
     """Input curvature is low far from the decision boundary: those samples are picked first."""
     torch.manual_seed(13)
