@@ -121,6 +121,12 @@ def lowest_per_class(scores: torch.Tensor, labels: torch.Tensor, classes: int, n
     """Ascending indices of the ``n`` lowest ``scores``: ``n // classes`` per label when
     ``class_balanced``, the remainder (and the quota of classes with too few samples) going to
     the lowest scores left, so that exactly ``n`` come back. Ties keep data order."""
+    _check_n(n)
+    if scores.dim() != 1 or labels.shape != scores.shape:
+        raise ValueError(f"scores and labels must be 1-D and of one length, got shapes {tuple(scores.shape)} "
+                         f"and {tuple(labels.shape)}")
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise ValueError(f"classes must be a positive int, got {classes!r}")
     if n > scores.numel():
         raise ValueError(f"n={n} but data has only {scores.numel()} samples; pass n <= {scores.numel()}")
     order = torch.sort(scores, stable=True).indices

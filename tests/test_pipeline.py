@@ -163,6 +163,12 @@ def test_select_suspects_finds_planted_wrong_labels(class_balanced):
             sap_fast.select_suspects(model, (x, noisy), **bad)
     with pytest.raises(ValueError, match="score must be"):
         sap_fast.sample_scores(model, (x, noisy), score="entropy")
+    for args, match in [((scores, labels, classes, 0), "n must be a positive int"),
+                        ((scores, labels[:5], classes, 3), "one length"),
+                        ((scores, labels, 0, 3), "classes must be a positive int"),
+                        ((scores, labels, classes, 401), "n=401 but data has only 400")]:
+        with pytest.raises(ValueError, match=match):
+            sap_fast.lowest_per_class(*args)
 
 
 def test_select_trusted_curvature_prefers_confident_samples():
