@@ -274,8 +274,23 @@ def _collect_local(model, data, layers, batch_size, device, dtype, chunk_rows, i
             samples += x.shape[0]
     if not records and samples:
         raise ValueError("no covered layer ran during the forward pass; check layers= and the model")
-    for name, record in records.items():  # forward order: the first bad layer is the culprit
-        if not record.is_finite():
-            raise ValueError(f"non-finite activations (NaN/Inf) reach layer '{name}'; check the "
-                             "inputs and the layers before it")
+    bad = first_non_finite(records)
+    if bad is not None:
+        raise ValueError(f"non-finite activations (NaN/Inf) reach layer '{bad}'; check the "
+                         "inputs and the layers before it")
     return records, samples
+
+
+def first_non_finite(records: Dict[str, LayerStats]) -> Optional[str]:
+    """The first record (in forward order: the culprit) holding NaN/Inf, or None; one host
+    synchronisation per device for all records, none per batch."""
+    names = list(records)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, name in enumerate(names):
+        by_device.setdefault(records[name].device, []).append(i)
+    finite = [True] * len(names)
+    for positions in by_device.values():
+        flags = torch.stack([records[names[i]].finite_flag() for i in positions]).tolist()
+        for i, ok in zip(positions, flags):
+            finite[i] = ok
+    return next((n for n, ok in zip(names, finite) if not ok), None)

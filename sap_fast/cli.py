@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     sap.add_argument("--trusted", type=int, default=1000, help="trusted samples (default 1000)")
     sap.add_argument("--alpha", type=float, help="a fixed α (no sweep)")
     sap.add_argument("--alphas", default="grid", help="grid (1e1..1e6), auto, or a comma list like 10,100,1e3")
+    sap.add_argument("--solver", choices=("eigh", "cholesky"),
+                     help="eigh: one eigendecomposition shared by every α (the sweep's default); "
+                          "cholesky: one Cholesky solve per α (the fixed --alpha default)")
     sap.add_argument("--stats-in", help="statistics saved by --stats-out: skips selection and the forward "
                                         "pass over the training data")
     sap.add_argument("--stats-out", help="save the statistics here for later sweeps")
@@ -203,11 +206,11 @@ def run_correct(args: argparse.Namespace) -> int:
     before = sap_fast.evaluate(model, val, batch_size=args.batch_size, device=args.device)
     if args.alpha is not None:
         fixed = sap_fast.correct(model, stats=stats, alpha=args.alpha, batch_size=args.batch_size,
-                                 device=args.device)
+                                 device=args.device, solver=args.solver or "cholesky")
         result, alpha = None, args.alpha
     else:
         result = sap_fast.sweep(model, None, val, stats=stats, alphas=_alphas(args.alphas),
-                                batch_size=args.batch_size, device=args.device)
+                                batch_size=args.batch_size, device=args.device, solver=args.solver or "eigh")
         fixed, alpha = result.model, result.best_alpha
     after = sap_fast.evaluate(fixed, val, batch_size=args.batch_size, device=args.device)
     times["alpha"] = time.perf_counter() - t

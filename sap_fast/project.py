@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from . import backend
+from . import backend, distributed, solve
 from .accumulate import collect_stats
 from .forward import check_alpha, check_batch_size, resolve_device
 from .layers import Target, select_targets
@@ -40,24 +40,75 @@ def projected_weight(weight: torch.Tensor, spectrum: LayerSpectrum, alpha: float
 
 
 class Projector:
-    """The spectra and original weights of a model's targets; applies any α to a model copy."""
+    """What every α needs, computed once for a model's targets; applies any α to a model copy.
 
-    def __init__(self, model: nn.Module, targets: List[Target], stats: Stats, process_group=None):
+    ``solver="eigh"``: the spectra (:mod:`sap_fast.spectrum`) and ``W U`` per layer, then one
+    matmul per layer per α. ``solver="cholesky"``: ``G/trG`` and ``G/trG · Wᵀ`` per layer, then
+    one Cholesky solve per layer per α (:mod:`sap_fast.solve`); ``spectra`` is None.
+    """
+
+    def __init__(self, model: nn.Module, targets: List[Target], stats: Stats, process_group=None,
+                 solver: str = "eigh"):
         modules = dict(model.named_modules())
         self.targets = targets
-        self.spectra = spectra(stats, [t.name for t in targets], process_group)
+        self.solver = solve.check_solver(solver)
+        self.group = distributed.resolve_group(process_group)
         self.weights: Dict[str, torch.Tensor] = {}
         self.weight_bases: Dict[str, torch.Tensor] = {}
+        self.spectra: Optional[Dict[str, LayerSpectrum]] = None
+        if solver == "cholesky":
+            self._solves: Dict[str, solve.LayerSolve] = {}
+            self._normalised: Dict[int, tuple] = {}
+            self._records = {t.name: stats[t.name] for t in targets}
+            for t in targets:
+                record = self._records[t.name]
+                self.weights[t.name] = t.weight(modules).detach().to(device=record.device,
+                                                                      dtype=torch.float64)
+            return
+        self.spectra = spectra(stats, [t.name for t in targets], process_group)
         for t in targets:
             spec = self.spectra[t.name]
             w = t.weight(modules).detach().to(device=spec.basis.device, dtype=spec.basis.dtype)
             self.weights[t.name] = w
             self.weight_bases[t.name] = w @ spec.basis
 
+    def _solved(self, name: str, alpha: float):
+        if name not in self._solves:  # prepared on first use: in a distributed job, on its owner only
+            record = self._records[name]
+            key = id(record)  # q/k/v of one self-attention share one record, so one G/trG
+            if key not in self._normalised:
+                self._normalised[key] = solve.normalise(record)
+            self._solves[name] = solve.prepare(self._normalised[key], self.weights[name])
+        return solve.solved_weight(self._solves[name], alpha)
+
+    def _solve_all(self, alpha: float) -> Dict[str, torch.Tensor]:
+        names = [t.name for t in self.targets]
+        if self.group is None:
+            new, infos = {}, []
+            for name in names:
+                new[name], info = self._solved(name, alpha)
+                infos.append(info)
+            solve.check_infos(names, infos, alpha)
+            return new
+        # distributed: each layer solved on one rank (balanced by d³), broadcast to all, so every
+        # rank ends with bitwise identical weights
+        costs = [float(self.weights[n].shape[-1]) ** 3 * self.weights[n].shape[0] for n in names]
+        shapes = [[(tuple(self.weights[n].shape), torch.float64, self.weights[n].device)] for n in names]
+
+        def compute(i):
+            weight, info = self._solved(names[i], alpha)
+            solve.check_infos([names[i]], [info], alpha)
+            return [weight]
+
+        results = distributed.spread(costs, shapes, compute, self.group)
+        return {n: r[0] for n, r in zip(names, results)}
+
     def new_weights(self, alpha: Optional[float]) -> Dict[str, torch.Tensor]:
         """Target name → corrected weight; ``alpha=None`` gives the original weights."""
         if alpha is None:
             return dict(self.weights)
+        if self.solver == "cholesky":
+            return self._solve_all(alpha)
         return {t.name: projected_weight(self.weights[t.name], self.spectra[t.name], alpha,
                                          self.weight_bases[t.name]) for t in self.targets}
 
@@ -110,7 +161,7 @@ def _stats_for(model, data, stats, layers, batch_size, device, what="data", proc
 
 def correct(model: nn.Module, data=None, *, alpha: float = 30000.0, stats: Optional[Stats] = None,
             layers=None, inplace: bool = False, batch_size: int = 256, device=None,
-            process_group=None) -> nn.Module:
+            process_group=None, solver: str = "cholesky") -> nn.Module:
     """SAP: project every covered layer's weight onto the trusted samples' activation space.
 
     Args:
@@ -127,15 +178,19 @@ def correct(model: nn.Module, data=None, *, alpha: float = 30000.0, stats: Optio
             ``data`` is this rank's shard of the trusted samples (or ``stats`` the Stats every rank
             got from :func:`collect_stats`), the spectra are spread over the ranks and broadcast,
             and every rank gets identical weights (the model must be the same on every rank).
+        solver: ``"cholesky"`` (default: one Cholesky solve per layer, no eigendecomposition;
+            :mod:`sap_fast.solve`) or ``"eigh"`` (the eigendecomposition route). Both give the
+            same weights to round-off (tests/test_solve.py).
 
     Returns:
         The corrected model (``model`` itself when ``inplace=True``).
     """
     alpha = check_alpha(alpha)
+    solve.check_solver(solver)
     check_batch_size(batch_size)
     stats = _stats_for(model, data, stats, layers, batch_size, device, process_group=process_group)
     targets = targets_with_stats(model, layers, stats)
-    projector = Projector(model, targets, stats, process_group)
+    projector = Projector(model, targets, stats, process_group, solver)
     out = model if inplace else copy.deepcopy(model)
     projector.apply(out, alpha)
     return out

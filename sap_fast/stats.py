@@ -89,9 +89,14 @@ class LayerStats:
         r = self.rows
         return r.transpose(1, 2) @ r
 
-    def is_finite(self) -> bool:
+    def finite_flag(self) -> torch.Tensor:
+        """A 0-d bool tensor on the record's device (no host synchronisation): all entries finite."""
         blocks = [self._gram] if self._gram is not None else self._chunks
-        return all(bool(torch.isfinite(b).all()) for b in blocks)
+        flags = [torch.isfinite(b).all() for b in blocks]
+        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device)
+
+    def is_finite(self) -> bool:
+        return bool(self.finite_flag())
 
     def copy(self) -> "LayerStats":
         """An independent copy (row chunks are never modified in place, so they are shared)."""

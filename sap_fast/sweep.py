@@ -19,6 +19,7 @@ from . import distributed
 from .evaluate import Evaluation, evaluate, evaluation_sums
 from .forward import check_alpha, check_batch_size, progress
 from .project import Projector, _stats_for, targets_with_stats
+from .solve import check_solver
 from .stats import Stats
 
 DEFAULT_ALPHAS = tuple(10.0 ** (e / 2) for e in range(2, 13))  # 1e1 … 1e6 in half-decades
@@ -74,7 +75,8 @@ def _check_alphas(alphas) -> tuple:
 
 def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = None,
           layers=None, batch_size: int = 256, device=None, refine_steps: int = 8,
-          show_progress: Optional[bool] = None, process_group=None) -> SweepResult:
+          show_progress: Optional[bool] = None, process_group=None,
+          solver: str = "eigh") -> SweepResult:
     """Pick α on the (noisy) validation split ``val``.
 
     Args:
@@ -90,6 +92,10 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
             shards (``val`` may also be the whole split on every rank, or empty on some); the
             validation counts are summed over the ranks, so every rank picks the same α and
             ends with identical weights.
+        solver: ``"eigh"`` (default: one eigendecomposition per layer, then one matmul per
+            layer per α) or ``"cholesky"`` (one Cholesky solve per layer per α, no
+            eigendecomposition; :mod:`sap_fast.solve`). Same weights to round-off;
+            benchmarks/README.md has which is faster where.
 
     Returns:
         :class:`SweepResult` with the best α (None = no projection won), the corrected copy at
@@ -97,12 +103,13 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
     """
     grid = _check_alphas(alphas)
     check_batch_size(batch_size)
+    check_solver(solver)
     if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 2:
         raise ValueError(f"refine_steps must be an int >= 2, got {refine_steps!r}")
     group = distributed.resolve_group(process_group)
     stats = _stats_for(model, data, stats, layers, batch_size, device, process_group=process_group)
     targets = targets_with_stats(model, layers, stats)
-    projector = Projector(model, targets, stats, process_group)
+    projector = Projector(model, targets, stats, process_group, solver)
     work = copy.deepcopy(model)
     table: List[SweepRow] = []
     scores = {}

@@ -133,6 +133,7 @@ def worker(rank: int, world: int, port: int, sizes, folder: str):
         fixed = sap_fast.correct(model, xs, alpha=ALPHA)
         out["weights"] = {k: v.clone() for k, v in fixed.state_dict().items()}
         out["weights_from_stats"] = sap_fast.correct(model, stats=stats, alpha=ALPHA).state_dict()
+        out["weights_eigh"] = sap_fast.correct(model, stats=stats, alpha=ALPHA, solver="eigh").state_dict()
         out["trusted"] = sap_fast.select_trusted(model, (xs, ys), n=TRUSTED)
         out["trusted_ids"] = sap_fast.select_trusted(model, (x[ids], y[ids]), n=TRUSTED, indices=ids)
         out["trusted_candidates"] = sap_fast.select_trusted(model, (x[ids], y[ids]), n=TRUSTED,
@@ -143,6 +144,9 @@ def worker(rank: int, world: int, port: int, sizes, folder: str):
                                                    curvature_iters=2)
         result = sap_fast.sweep(model, xs, (xs, ys), alphas=[10.0, ALPHA])
         out["sweep"] = ([(r.alpha, r.val_accuracy, r.val_loss) for r in result.table], result.best_alpha)
+        result = sap_fast.sweep(model, xs, (xs, ys), alphas=[10.0, ALPHA], solver="cholesky")
+        out["sweep_cholesky"] = ([(r.alpha, r.val_accuracy, r.val_loss) for r in result.table],
+                                 result.best_alpha)
         # failures: one rank's bad input makes every rank raise, and the group stays usable
         bad = xs[:, :1] if rank == world - 1 else xs
         _attempt(out, "bad_input", lambda: sap_fast.collect_stats(model, bad))

@@ -87,6 +87,13 @@ def test_saved_statistics_make_a_second_run_need_no_training_data(workspace):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["0.weight"], original["0.weight"])   # α = 30 did change the conv
     assert torch.equal(a["0.bias"], original["0.bias"])           # biases are never changed
+    # the eigen route gives the same weights to round-off (a fixed --alpha defaults to cholesky)
+    run = sap_fast("correct", "--model", "tinynet:make", "--weights", "weights.safetensors",
+                   "--stats-in", str(workspace / "stats.pt"), "--val", "images", "--alpha", "30",
+                   "--solver", "eigh", "--out", str(workspace / "out-c"), cwd=workspace)
+    assert run.returncode == 0, run.stderr
+    c = load_file(str(workspace / "out-c" / "corrected.safetensors"))
+    assert all(torch.allclose(a[k], c[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
 def _tinynet(workspace):

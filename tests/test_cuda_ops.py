@@ -399,15 +399,38 @@ def _pipeline_case(name):
 @pytest.mark.parametrize("name", ["2d-groups2", "2d-depthwise", "3d-stride-groups", "2d-reflect",
                                   "tokens", "attention"])
 @pytest.mark.parametrize("alpha", [10.0, 1e4])
-def test_correct_on_cuda_matches_the_reference(name, alpha):
-    """collect_stats (CUDA Gram kernel), spectra (cuSOLVER), update (Triton) against the float64
-    oracle on the CPU: all float64, so the same 1e-8 bound as the CPU pipeline tests."""
+@pytest.mark.parametrize("solver", ["eigh", "cholesky"])
+def test_correct_on_cuda_matches_the_reference(name, alpha, solver):
+    """collect_stats (CUDA Gram kernel), then spectra (cuSOLVER) and update (Triton), or the
+    Cholesky solve (torch's cuSOLVER potrf/potrs), against the float64 oracle on the CPU: all
+    float64, so the same 1e-8 bound as the CPU pipeline tests."""
     import sap_fast
     from sap_fast import reference
 
     info = sap_fast.backend_info()["stages"]
     assert info["accumulate"]["cuda"].startswith("native") and info["spectrum"]["cuda"].startswith("native")
     model, x = _pipeline_case(name)
-    fixed = sap_fast.correct(model.cuda(), x.cuda(), alpha=alpha, batch_size=4)
+    fixed = sap_fast.correct(model.cuda(), x.cuda(), alpha=alpha, batch_size=4, solver=solver)
     expected = reference.correct(model.cpu(), x, alpha=alpha)
     assert max_weight_rel_err(fixed.cpu(), expected) <= 1e-8
+
+
+@requires_cuda_ops
+@pytest.mark.parametrize("name", ["2d-groups2", "tokens", "attention"])
+def test_collect_stats_never_synchronises_per_batch(name, monkeypatch):
+    """torch.cuda.set_sync_debug_mode("error") over the whole pass: any host read in the hooks
+    (.item(), bool(t), .cpu(), …) raises. Only the end-of-pass finiteness read is allowed, and it
+    is taken out here (tests/test_no_sync.py counts it on the CPU)."""
+    import sap_fast
+    from sap_fast import accumulate
+
+    model, x = _pipeline_case(name)
+    model, x = model.cuda(), x.cuda()
+    monkeypatch.setattr(accumulate, "first_non_finite", lambda records: None)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = sap_fast.collect_stats(model, x, batch_size=2, show_progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(stats[n].device.type == "cuda" for n in stats)  # the Grams stay on the device
