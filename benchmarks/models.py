@@ -237,7 +237,7 @@ def _torchvision_builder(name: str):
 
 
 def build(name: str, num_classes: int = 14, prefer_torchvision: bool = True, *,
-          device=None, random_head: bool = True) -> nn.Module:
+          device=None, random_head: bool = True, image_size: int = 224) -> nn.Module:
     """``resnet50`` or ``vit_b_16`` (dashes/underscores optional), randomly initialised.
 
     torchvision's builder when ``prefer_torchvision`` and torchvision imports, ours otherwise;
@@ -245,14 +245,17 @@ def build(name: str, num_classes: int = 14, prefer_torchvision: bool = True, *,
     parameters there directly (``"meta"`` for a free, shape-only model). ``random_head``: a
     zero-initialised classifier (torchvision's ViT) is re-drawn with ``nn.Linear``'s default
     initialisation, whichever the source, so logits and projected heads are not all zero.
+    ``image_size``: the ViT's input side (its position embedding depends on it; smoke runs use
+    32); ResNet-50 takes any size.
     """
     name = _canonical(name)
     builder = _torchvision_builder(name) if prefer_torchvision else None
     with torch.device(device) if device is not None else _nullcontext():
+        extra = {"image_size": image_size} if name == "vit_b_16" and image_size != 224 else {}
         if builder is not None:
-            model, source = builder(num_classes=num_classes), "torchvision"
+            model, source = builder(num_classes=num_classes, **extra), "torchvision"
         else:
-            model, source = {"resnet50": resnet50, "vit_b_16": vit_b_16}[name](num_classes), OURS
+            model, source = {"resnet50": resnet50, "vit_b_16": vit_b_16}[name](num_classes, **extra), OURS
         if random_head:
             head = model.fc if name == "resnet50" else model.heads.head
             if head.weight.device.type != "meta" and not head.weight.detach().any():

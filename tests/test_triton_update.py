@@ -235,3 +235,17 @@ def test_cpu_without_interpreter_is_an_error(monkeypatch):
     w, u, e = make_inputs(1, 4, 10, 10, seed=8)
     with pytest.raises(ValueError, match="CPU tensors need TRITON_INTERPRET=1"):
         pt.scaled_update(w, w @ u, u, e, 10.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", pt.CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_every_autotune_config_is_correct(config, device):
+    """Each tile configuration the GPU autotuner may pick gives the twin's result, on a shape
+    with ragged tiles in every dimension (out, d and r are not multiples of any block)."""
+    w, u, e = (t.to(device) for t in make_inputs(2, 37, 150, 150, seed=21))
+    wu = w @ u
+    got = pt.scaled_update(w, wu, u, e, 3e4, config=config)
+    assert rel(got, pt.scaled_update_reference(w, wu, u, e, 3e4), w) < TOL[torch.float64][0]
+    thin = pt.scaled_update(w, wu[..., :40], u[..., :40], e[:, :40], 3e4, config=config)
+    assert rel(thin, pt.scaled_update_reference(w, wu[..., :40], u[..., :40], e[:, :40], 3e4), w) \
+        < TOL[torch.float64][0]

@@ -22,6 +22,7 @@ tensor is materialised), scales the ``wu`` tile's columns and accumulates ``tl.d
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -142,6 +143,26 @@ def _check(weight, wu, basis, eigvals, alpha, full) -> Tuple[float, bool]:
     return alpha, bool(full)
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the autotune space on a GPU. Tiles of ≥ 16
+# (tl.dot's minimum); 128×128 fp64 tiles may run out of registers, and the autotuner drops any
+# config that does not compile for the device.
+CONFIGS = ((64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 64, 16, 4, 3), (128, 64, 32, 4, 3),
+           (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 16, 8, 2), (16, 128, 32, 4, 2))
+
+
+def autotuning() -> bool:
+    """Whether launches pick their tiles with ``triton.autotune`` (compiled kernels only; off with
+    ``SAP_FAST_TRITON_AUTOTUNE=0``). Tuning runs once per (out, d, r, full) shape."""
+    return not interpreted() and os.environ.get("SAP_FAST_TRITON_AUTOTUNE", "1") != "0"
+
+
+_scaled_update_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+             for m, n, k, w, s in CONFIGS],
+    key=["M", "N", "R", "FULL"],
+)(_scaled_update_kernel)
+
+
 def _blocks(out: int, d: int, r: int) -> Tuple[int, int, int]:
     """Fixed small tiles (no autotune: the interpreter would run every config). ≥ 16 each,
     because ``tl.dot`` on the GPU needs M, N, K ≥ 16."""
@@ -151,7 +172,8 @@ def _blocks(out: int, d: int, r: int) -> Tuple[int, int, int]:
 
 
 def scaled_update(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor, eigvals: torch.Tensor,
-                  alpha: float, *, full: Optional[bool] = None) -> torch.Tensor:
+                  alpha: float, *, full: Optional[bool] = None,
+                  config: Optional[Tuple[int, int, int, int, int]] = None) -> torch.Tensor:
     """``Ŵ = W U diag(λ) Uᵀ`` with the Triton kernel (see the module docstring).
 
     Args:
@@ -162,6 +184,9 @@ def scaled_update(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor, e
         alpha: the scale α > 0.
         full: the careful full-basis form; None means ``r == d``. ``full=False`` with a square
             basis uses the thin form (same value, less accurate at large α).
+        config: ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` to force one tile
+            configuration (benchmarks, tests); None = autotuned on a GPU, fixed small tiles in
+            the interpreter.
 
     Returns:
         A new contiguous ``(groups, out, d)`` tensor. Inputs may have any strides.
@@ -183,15 +208,22 @@ def scaled_update(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor, e
         return result.zero_()
     total = eigvals.sum(-1)  # (groups,), contiguous: the same Σe as the twin
     alpha_t = torch.full((1,), alpha, dtype=weight.dtype, device=weight.device)
-    block_m, block_n, block_k = _blocks(out, d, r)
+    args = (result, weight, wu, basis, eigvals, total, alpha_t, out, d, r,
+            *result.stride(), *weight.stride(), *wu.stride(), *basis.stride(), *eigvals.stride())
+    if config is None and autotuning():
+        def grid(meta):
+            return triton.cdiv(out, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_N"]), groups
+        _scaled_update_tuned[grid](*args, FULL=full)
+        return result
+    if config is None:
+        block_m, block_n, block_k = _blocks(out, d, r)
+        warps, stages = 4, None
+    else:
+        block_m, block_n, block_k, warps, stages = config
     grid = (triton.cdiv(out, block_m), triton.cdiv(d, block_n), groups)
-    _scaled_update_kernel[grid](
-        result, weight, wu, basis, eigvals, total, alpha_t,
-        out, d, r,
-        *result.stride(), *weight.stride(), *wu.stride(), *basis.stride(), *eigvals.stride(),
-        FULL=full, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4,
-    )
+    extra = {} if stages is None else {"num_stages": stages}
+    _scaled_update_kernel[grid](*args, FULL=full, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                num_warps=warps, **extra)
     return result
 
 

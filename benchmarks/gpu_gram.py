@@ -1,0 +1,289 @@
+"""Gram accumulation on the GPU: time, floor, official approach, peak memory and Wp error, per
+model and precision (issue 4). Writes ``benchmarks/results/gpu-gram-<device>.json``.
+
+For each model (ResNet-50 and ViT-B/16 at 224×224, 14 classes, random weights; torchvision's
+when it imports, else benchmarks/models.py's identical layout) and N trusted samples already on
+the device, batch B:
+
+- ``forward``: the batched forward pass alone (what collect_stats must run anyway);
+- per precision mode, ``collect_stats`` (CUDA events); ``gram`` = its time − ``forward`` (each
+  the best of ``--repeats`` runs);
+- ``floor`` = the multiply-adds the Gram must do ÷ the matrix rate of that precision, measured
+  here with one large GEMM of that precision (``rate_tflops``). Two floors: ``floor_sym`` (upper
+  triangle only) and ``floor_shift`` (also the shift-correlation form for stride-1 k×k convs,
+  ((2kh−1)(2kw−1)+1)/2 C×C correlations instead of d(d+1)/2 products per position; the issue's
+  floor). ``ratio`` = gram / floor_shift;
+- ``peak_extra_MB``: peak allocated during collect_stats − peak of the forward pass alone, next
+  to ``grams_MB`` (the Grams it returns) and ``chunk_MB`` (one accumulation chunk);
+- ``wp_error``: ‖Wp(mode) − Wp(oracle)‖_F / ‖Wp(oracle)‖_F, max and median over layers, at α ∈
+  {1e3, 3e4, 1e6}; Wp = α G̃ ((α−1)G̃ + I)⁻¹ in float64 from each mode's Gram. The oracle is
+  the fp64 mode (exact products of the fp32 activations, float64 sums), which the test suite
+  holds to the materialised-R float64 SVD to 1e-8 (tests/test_vs_reference.py,
+  tests/test_cuda_ops.py);
+- ``official``: benchmarks/official.py (rows through the CPU, 50 000 per layer, float32 SVD):
+  its gather + SVD time, the stage the Gram (+ spectra) replaces; ``speedup`` = that / gram.
+
+Modes: fp64 (default: float64 accumulation), fp32 (float32 accumulation), tf32 (TF32 tensor
+cores, float32 accumulation), bf16 (bf16 inputs, float32 accumulation). cuDNN/cuBLAS TF32 is off
+in the forward pass (torch.backends.*.allow_tf32 = False) so every mode sees the same fp32
+activations.
+
+    python benchmarks/gpu_gram.py                       # the GPU run (about 3-6 min on an H100)
+    python benchmarks/gpu_gram.py --tiny --device cpu   # a seconds-long smoke run of the plumbing
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+import sap_fast  # noqa: E402
+from sap_fast import accumulate  # noqa: E402
+from common import write_results  # noqa: E402
+import models as bench_models  # noqa: E402
+
+MODES = {
+    "fp64": dict(dtype=torch.float64, input_precision="fp32"),
+    "fp32": dict(dtype=torch.float32, input_precision="fp32"),
+    "tf32": dict(dtype=torch.float32, input_precision="tf32"),
+    "bf16": dict(dtype=torch.float32, input_precision="bf16"),
+}
+GEMM_DTYPES = {"fp64": (torch.float64, False), "fp32": (torch.float32, False),
+               "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
+ALPHAS = (1e3, 3e4, 1e6)
+WP_LIMIT = 1e-4  # the default mode must keep Wp within this relative error
+
+
+class Timer:
+    """Wall time of a block: CUDA events on a GPU (no host sync inside), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+def matrix_rate(mode: str, device: torch.device, n: int) -> float:
+    """FLOP/s of one n×n×n GEMM in the mode's precision (best of 3, after a warm-up)."""
+    dtype, tf32 = GEMM_DTYPES[mode]
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b
+        best = math.inf
+        for _ in range(3):
+            with Timer(device) as t:
+                a @ b
+            best = min(best, t.seconds)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return 2 * n ** 3 / best
+
+
+def shift_macs(model, layer) -> int:
+    """MACs per sample of one target's Gram in the shift-correlation form where it applies
+    (stride-1 convs with a kernel > 1 element), else its upper triangle."""
+    module = dict(model.named_modules()).get(layer.name)
+    kernel = getattr(module, "kernel_size", None)
+    if kernel is None or math.prod(kernel) == 1 or any(s != 1 for s in module.stride):
+        return layer.sym_macs
+    channels = layer.d // math.prod(kernel)
+    offsets = (math.prod(2 * k - 1 for k in kernel) + 1) // 2  # δ and −δ give transposed blocks
+    return layer.groups * layer.rows_per_sample * offsets * channels * channels
+
+
+def wp_matrices(stats, alpha: float, max_d=None) -> dict:
+    """Wp = α G̃ ((α−1)G̃ + I)⁻¹ per record (width ≤ ``max_d``), float64, by Cholesky (the same
+    matrix as U diag(λ) Uᵀ)."""
+    out = {}
+    for name in stats:
+        if max_d is not None and stats[name].d > max_d:
+            continue
+        g = stats[name].gram.double()
+        g = (g + g.transpose(-1, -2)) / 2
+        g = g / g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[:, None, None]
+        m = g * (alpha - 1)
+        m.diagonal(dim1=-2, dim2=-1).add_(1)
+        out[name] = alpha * torch.cholesky_solve(g, torch.linalg.cholesky(m))
+    return out
+
+
+def wp_errors(stats, oracle, alphas, max_d=None) -> dict:
+    errors = {}
+    for alpha in alphas:
+        got, want = wp_matrices(stats, alpha, max_d), wp_matrices(oracle, alpha, max_d)
+        per = [float((got[n] - want[n]).norm() / want[n].norm()) for n in want]
+        errors[f"{alpha:g}"] = {"max": max(per), "median": statistics.median(per)}
+        del got, want
+    return errors
+
+
+def forward_only(model, x, batch: int, device, repeats: int) -> tuple:
+    """(best seconds, peak bytes) of the batched forward pass alone."""
+    best = math.inf
+    with torch.no_grad():
+        model(x[:batch])  # warm-up (cuDNN algorithm choice, lazy init)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(repeats):
+            with Timer(device) as t:
+                for start in range(0, x.shape[0], batch):
+                    model(x[start:start + batch])
+            best = min(best, t.seconds)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return best, peak
+
+
+def run_model(name: str, args, device: torch.device, rates: dict) -> dict:
+    torch.manual_seed(0)
+    model = bench_models.build(name, num_classes=14, device=device, image_size=args.image_size).eval()
+    census = bench_models.census(model, args.image_size)
+    x = torch.randn(args.samples, 3, args.image_size, args.image_size, device=device).relu_()
+    fwd_seconds, fwd_peak = forward_only(model, x, args.batch, device, args.repeats)
+    distinct = census.distinct()
+    sym = sum(layer.sym_macs for layer in distinct) * args.samples
+    shift = sum(shift_macs(model, layer) for layer in distinct) * args.samples
+    out = {"source": model.bench_source, "samples": args.samples, "batch": args.batch,
+           "image_size": args.image_size, "forward_s": fwd_seconds,
+           "gram_tflop_sym": 2 * sym / 1e12, "gram_tflop_shift": 2 * shift / 1e12, "modes": {}}
+    oracle = None
+    for mode in args.modes:
+        kwargs = MODES[mode]
+        sap_fast.collect_stats(model, x[:args.batch], batch_size=args.batch, show_progress=False, **kwargs)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        best = math.inf
+        for _ in range(args.repeats):  # best of a few: the Gram time is a difference of two times
+            stats = None
+            with Timer(device) as t:
+                stats = sap_fast.collect_stats(model, x, batch_size=args.batch, show_progress=False, **kwargs)
+            best = min(best, t.seconds)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        grams = sum(stats[n].gram.numel() * stats[n].dtype.itemsize
+                    for n in {id(stats[k]): k for k in stats}.values())
+        gram_s = max(best - fwd_seconds, 1e-9)
+        row = {"collect_s": best, "gram_s": gram_s,
+               "floor_sym_s": 2 * sym / rates[mode], "floor_shift_s": 2 * shift / rates[mode],
+               "grams_MB": grams / 1e6, "chunk_MB": accumulate.CHUNK_ELEMENTS * kwargs["dtype"].itemsize / 1e6,
+               "peak_extra_MB": max(0, peak - fwd_peak) / 1e6 if device.type == "cuda" else None}
+        row["ratio"] = gram_s / row["floor_shift_s"]
+        if mode == "fp64":
+            oracle = stats
+        elif oracle is not None:
+            row["wp_error"] = wp_errors(stats, oracle, ALPHAS, args.wp_max_d)
+        out["modes"][mode] = row
+        if mode != "fp64":
+            del stats
+    if oracle is not None and "fp64" in out["modes"]:
+        out["modes"]["fp64"]["wp_error"] = {f"{a:g}": {"max": 0.0, "median": 0.0} for a in ALPHAS}
+    del oracle
+    if args.official:
+        from official import official_correct
+        res = official_correct(model, x, [3e4], max_samples=args.official_rows, max_batch_size=args.batch,
+                               on_model=lambda alpha, corrected: None)
+        official_s = res.stage_times["gather"] + res.stage_times["svd"]
+        out["official"] = {"gather_s": res.stage_times["gather"], "svd_s": res.stage_times["svd"],
+                           "max_rows": args.official_rows}
+        for row in out["modes"].values():
+            row["speedup_vs_official"] = official_s / row["gram_s"]
+    out["default_mode"] = choose_default(out["modes"])
+    return out
+
+
+def choose_default(modes: dict) -> str:
+    """The fastest mode whose Wp error stays within WP_LIMIT at every α (fp64 always qualifies)."""
+    ok = [m for m, row in modes.items() if all(e["max"] <= WP_LIMIT for e in row.get("wp_error", {}).values())]
+    return min(ok, key=lambda m: modes[m]["gram_s"]) if ok else "fp64"
+
+
+def table(results: dict) -> str:
+    lines = ["| model | mode | Gram time | floor (sym + shift) | ratio | vs official | peak extra (Grams + chunk) "
+             "| Wp err α=1e3 / 3e4 / 1e6 |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, res in results.items():
+        for mode, row in res["modes"].items():
+            err = row.get("wp_error", {})
+            errs = " / ".join(f"{err[k]['max']:.1e}" for k in err) if err else "—"
+            speed = f"{row['speedup_vs_official']:.0f}×" if "speedup_vs_official" in row else "—"
+            peak = "—" if row["peak_extra_MB"] is None else \
+                f"{row['peak_extra_MB']:.0f} MB ({row['grams_MB']:.0f} + {row['chunk_MB']:.0f})"
+            star = " **default**" if mode == res["default_mode"] else ""
+            lines.append(f"| {name} | {mode}{star} | {row['gram_s'] * 1e3:.0f} ms | {row['floor_shift_s'] * 1e3:.0f} ms "
+                         f"| {row['ratio']:.2f}× | {speed} | {peak} | {errs} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50,vit_b_16")
+    parser.add_argument("--modes", default="fp64,fp32,tf32,bf16")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--official-rows", type=int, default=50000)
+    parser.add_argument("--no-official", dest="official", action="store_false")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gemm-size", type=int, default=8192)
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke run: 4 samples, batch 2, 32×32 images, 256-wide GEMM")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best kept)")
+    parser.add_argument("--wp-max-d", type=int, help="Wp errors only for layers this wide or narrower")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.samples, args.batch, args.image_size, args.gemm_size, args.repeats = 4, 2, 32, 256, 1
+        args.official_rows = min(args.official_rows, 500)
+        args.wp_max_d = args.wp_max_d or 600
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; use some of {list(MODES)}")
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True  # the same activations in every mode's pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rates = {m: matrix_rate(m, device, args.gemm_size) for m in args.modes}
+    print("matrix rates (TFLOP/s):", {m: round(r / 1e12, 2) for m, r in rates.items()}, flush=True)
+    results = {}
+    for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        results[model_name] = run_model(model_name, args, device, rates)
+        print(f"{model_name}: done", flush=True)
+    print(table(results))
+    slug = name.replace(" ", "-").replace("/", "-")
+    out = args.out or os.path.join(HERE, "results", f"gpu-gram-{slug}.json")
+    write_results(out, {"device": name, "rates_tflops": {m: r / 1e12 for m, r in rates.items()},
+                        "results": results, "table": table(results)},
+                  backend=sap_fast.backend_info(), cuda=torch.version.cuda)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
