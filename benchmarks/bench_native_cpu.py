@@ -54,7 +54,7 @@ WORKER = r"""
 import json, resource, time, torch
 from torch import nn
 from sap_fast import backend
-from sap_fast.accumulate import CHUNK_ELEMENTS, conv_row_chunks, native_conv_gram
+from sap_fast.accumulate import CHUNK_ELEMENTS, conv_row_chunks, native_gram
 assert backend.native() is not None, backend.backend_info()["native"]["reason"]
 torch.manual_seed(0)
 torch.set_num_threads({threads})
@@ -73,7 +73,7 @@ def tiled(x):
     return torch.ops.sap_fast.conv_gram(x, [k, k], [stride] * 2, [pad] * 2, [1, 1], 1, dtype)
 
 def shift(x):
-    return native_conv_gram(conv, x, dtype, CHUNK_ELEMENTS)
+    return native_gram(conv, x, dtype, CHUNK_ELEMENTS)
 
 run = {{"portable": portable, "tiled": tiled, "shift": shift}}["{kernel}"]
 run(torch.randn(1, c, 2 * k + 1, 2 * k + 1))   # warm-up on a tiny input

@@ -24,7 +24,9 @@ the device, batch B:
   its gather + SVD time, the stage the Gram (+ spectra) replaces; ``speedup`` = that / gram.
 
 Modes: fp64 (default: float64 accumulation), fp32 (float32 accumulation), tf32 (TF32 tensor
-cores, float32 accumulation), bf16 (bf16 inputs, float32 accumulation). cuDNN/cuBLAS TF32 is off
+cores, float32 accumulation), bf16 (bf16 inputs, float32 accumulation); fp64 and fp32 convs run
+the CUDA kernel, and again the Triton one as fp64-triton / fp32-triton (tf32 and bf16 exist only
+in Triton). cuDNN/cuBLAS TF32 is off
 in the forward pass (torch.backends.*.allow_tf32 = False) so every mode sees the same fp32
 activations.
 
@@ -57,8 +59,16 @@ MODES = {
     "tf32": dict(dtype=torch.float32, input_precision="tf32"),
     "bf16": dict(dtype=torch.float32, input_precision="bf16"),
 }
+# the same modes with the Triton conv kernel instead of the CUDA one (SAP_FAST_GRAM_KERNEL)
+KERNELS = {"fp64-triton": "fp64", "fp32-triton": "fp32"}
 GEMM_DTYPES = {"fp64": (torch.float64, False), "fp32": (torch.float32, False),
                "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
+
+
+def mode_settings(mode: str) -> tuple:
+    """(collect_stats keyword arguments, SAP_FAST_GRAM_KERNEL value, GEMM precision)."""
+    base = KERNELS.get(mode, mode)
+    return MODES[base], "triton" if mode in KERNELS else "auto", base
 ALPHAS = (1e3, 3e4, 1e6)
 WP_LIMIT = 1e-4  # the default mode must keep Wp within this relative error
 
@@ -174,7 +184,8 @@ def run_model(name: str, args, device: torch.device, rates: dict) -> dict:
            "gram_tflop_sym": 2 * sym / 1e12, "gram_tflop_shift": 2 * shift / 1e12, "modes": {}}
     oracle = None
     for mode in args.modes:
-        kwargs = MODES[mode]
+        kwargs, kernel, base = mode_settings(mode)
+        os.environ["SAP_FAST_GRAM_KERNEL"] = kernel
         sap_fast.collect_stats(model, x[:args.batch], batch_size=args.batch, show_progress=False, **kwargs)
         gc.collect()
         if device.type == "cuda":
@@ -191,7 +202,7 @@ def run_model(name: str, args, device: torch.device, rates: dict) -> dict:
                     for n in {id(stats[k]): k for k in stats}.values())
         gram_s = max(best - fwd_seconds, 1e-9)
         row = {"collect_s": best, "gram_s": gram_s,
-               "floor_sym_s": 2 * sym / rates[mode], "floor_shift_s": 2 * shift / rates[mode],
+               "floor_sym_s": 2 * sym / rates[base], "floor_shift_s": 2 * shift / rates[base],
                "grams_MB": grams / 1e6, "chunk_MB": accumulate.CHUNK_ELEMENTS * kwargs["dtype"].itemsize / 1e6,
                "peak_extra_MB": max(0, peak - fwd_peak) / 1e6 if device.type == "cuda" else None}
         row["ratio"] = gram_s / row["floor_shift_s"]
@@ -202,6 +213,7 @@ def run_model(name: str, args, device: torch.device, rates: dict) -> dict:
         out["modes"][mode] = row
         if mode != "fp64":
             del stats
+    os.environ["SAP_FAST_GRAM_KERNEL"] = "auto"
     if oracle is not None and "fp64" in out["modes"]:
         out["modes"]["fp64"]["wp_error"] = {f"{a:g}": {"max": 0.0, "median": 0.0} for a in ALPHAS}
     del oracle
@@ -243,7 +255,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,vit_b_16")
-    parser.add_argument("--modes", default="fp64,fp32,tf32,bf16")
+    parser.add_argument("--modes", default="fp64,fp32,tf32,bf16,fp64-triton,fp32-triton")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
@@ -262,15 +274,15 @@ def main(argv=None) -> int:
         args.official_rows = min(args.official_rows, 500)
         args.wp_max_d = args.wp_max_d or 600
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in args.modes if m not in MODES]
+    unknown = [m for m in args.modes if m not in MODES and m not in KERNELS]
     if unknown:
-        parser.error(f"unknown modes {unknown}; use some of {list(MODES)}")
+        parser.error(f"unknown modes {unknown}; use some of {list(MODES) + list(KERNELS)}")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.deterministic = True  # the same activations in every mode's pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    rates = {m: matrix_rate(m, device, args.gemm_size) for m in args.modes}
+    rates = {m: matrix_rate(m, device, args.gemm_size) for m in {mode_settings(x)[2] for x in args.modes}}
     print("matrix rates (TFLOP/s):", {m: round(r / 1e12, 2) for m, r in rates.items()}, flush=True)
     results = {}
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sap_fast  # noqa: E402
 import models as bench_models  # noqa: E402
-from gpu_gram import MODES  # noqa: E402
+from gpu_gram import KERNELS, MODES, mode_settings  # noqa: E402
 
 SAMPLES, BATCH, SIZE = 1000, 128, 224
 ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
@@ -48,12 +48,14 @@ def _synced(fn):
     return run
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_gram(benchmark, model, mode):
+@pytest.mark.parametrize("mode", list(MODES) + list(KERNELS))
+def test_gram(benchmark, model, mode, monkeypatch):
     name, net, x = model
     benchmark.group = f"{name}: Gram"
+    kwargs, kernel, _ = mode_settings(mode)
+    monkeypatch.setenv("SAP_FAST_GRAM_KERNEL", kernel)
     stats = benchmark.pedantic(_synced(lambda: sap_fast.collect_stats(
-        net, x, batch_size=BATCH, show_progress=False, **MODES[mode])), **ROUNDS)
+        net, x, batch_size=BATCH, show_progress=False, **kwargs)), **ROUNDS)
     assert stats.num_samples == SAMPLES
 
 

@@ -9,10 +9,12 @@ Conv rows are the patches the conv really sees: the input is padded exactly as t
 (``padding_mode`` and ``'same'`` included), then unfolded with ``Tensor.unfold`` per spatial
 dimension, so Conv1d/2d/3d, stride, dilation and groups share one code path.
 
-Where the native extension is loaded (:mod:`sap_fast.backend`), a conv call whose rows go into a
-Gram skips the rows altogether: on CPU, stride-1 convs use the exact shift-correlation Gram
-(``torch.ops.sap_fast.conv_gram_shift``); on CUDA, every conv uses the implicit-im2col Gram
-kernel (``torch.ops.sap_fast.conv_gram``). Other calls take the portable path above.
+A call whose rows go into a Gram skips the rows altogether where a kernel serves it
+(:func:`sap_fast.backend.gram_route`): on CPU, stride-1 convs use the exact shift-correlation
+Gram (``torch.ops.sap_fast.conv_gram_shift``); on CUDA, every conv uses the implicit-im2col Gram
+kernel (``torch.ops.sap_fast.conv_gram``, or the Triton one in ``sap_fast.kernels.gram_triton``),
+and the tf32/bf16 modes use the Triton kernels on tensor cores for convs and linear layers.
+Other calls take the portable path above.
 """
 from __future__ import annotations
 
@@ -135,31 +137,49 @@ def _native_padding(conv: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, Lis
     return F.pad(x, pads, mode=mode), [0] * len(low)
 
 
-def native_conv_gram(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype,
-                     max_elements: int) -> Optional[torch.Tensor]:
-    """The Gram ``(groups, d, d)`` of one conv call (its :func:`_conv_rows` rows) from a native
-    kernel, or None when no native kernel serves this call (then the caller streams rows)."""
-    if backend.native() is None or x.dtype not in (torch.float32, torch.float64):
+def _triton_precision(dtype: torch.dtype, input_precision: str) -> str:
+    """The Triton kernel's mode for a record dtype and input precision (see gram_route)."""
+    if input_precision == "fp32":
+        return "fp64" if dtype == torch.float64 else "fp32"
+    return input_precision
+
+
+def native_gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elements: int,
+                input_precision: str = "fp32") -> Optional[torch.Tensor]:
+    """The Gram ``(groups, d, d)`` of one conv or linear call (its :func:`_conv_rows` rows, or
+    every row of a linear input) from a kernel that never materialises the rows, or None when
+    none serves this call (then the caller streams rows). :func:`backend.gram_route` decides."""
+    if x.dtype not in (torch.float32, torch.float64):
         return None
+    conv = isinstance(module, CONV_TYPES)
     on_cuda = x.device.type == "cuda"
-    if on_cuda and not backend.native_cuda():
+    route = backend.gram_route(
+        x.device.type, dtype, input_precision, conv=conv,
+        stride_one_spatial=conv and all(s == 1 for s in module.stride) and math.prod(module.kernel_size) > 1,
+        native_cpu=backend.native() is not None, native_cuda=on_cuda and backend.native_cuda(),
+        triton_ok=on_cuda and backend.triton_gram() is not None,
+        choice=backend.gram_kernel_choice() if on_cuda else "auto")
+    if route is None:
         return None
-    stride_one = all(s == 1 for s in conv.stride)
-    if not on_cuda and not (x.device.type == "cpu" and stride_one and math.prod(conv.kernel_size) > 1):
-        return None  # on CPU only the shift-correlation kernel beats unfold + GEMM (benchmarks/)
-    spatial = len(conv.kernel_size)
+    if not conv:  # Triton, tf32/bf16 linear: every row of the input, any leading dims
+        return backend.triton_gram().linear_gram(x.reshape(-1, x.shape[-1]),
+                                                 _triton_precision(dtype, input_precision))
+    spatial = len(module.kernel_size)
     if x.dim() == spatial + 1:
         x = x.unsqueeze(0)
-    x, padding = _native_padding(conv, x)
-    k, dil = list(conv.kernel_size), list(conv.dilation)
-    if on_cuda:
-        return torch.ops.sap_fast.conv_gram(x, k, list(conv.stride), padding, dil, conv.groups, dtype)
-    # the shift kernel copies its input into a zero-margined buffer: bound it by whole samples
+    x, padding = _native_padding(module, x)
+    k, dil, stride = list(module.kernel_size), list(module.dilation), list(module.stride)
+    if route == "cuda":
+        return torch.ops.sap_fast.conv_gram(x, k, stride, padding, dil, module.groups, dtype)
+    if route == "triton":
+        return backend.triton_gram().conv_gram(x, k, stride, padding, dil, module.groups,
+                                               _triton_precision(dtype, input_precision))
+    # shift: the kernel copies its input into a zero-margined buffer: bound it by whole samples
     margined = math.prod(x.shape[2 + i] + 2 * dil[i] * (k[i] - 1) for i in range(spatial))
     step = max(1, max_elements // (margined * x.shape[1]))
     gram = None
     for part in x.split(step):
-        g = torch.ops.sap_fast.conv_gram_shift(part, k, padding, dil, conv.groups, dtype)
+        g = torch.ops.sap_fast.conv_gram_shift(part, k, padding, dil, module.groups, dtype)
         gram = g if gram is None else gram.add_(g)
     return gram
 
@@ -250,16 +270,15 @@ def _collect_local(model, data, layers, batch_size, device, dtype, chunk_rows, i
         shared = _records_for(records, [t.name for t in group],
                               lambda: LayerStats(first.d, first.groups, dtype, x.device))
         x = x.detach()
-        if input_precision == "fp32" and isinstance(module, CONV_TYPES):
-            # a native Gram serves a call only if every record it feeds is (or now goes) past its
-            # width; rows are needed while a record keeps them
-            rows = _conv_rows(module, x)
-            if all(r.mode == "gram" or r.count + rows > r.d for r in shared):
-                gram = native_conv_gram(module, x, dtype, max_rows * first.d * first.groups)
-                if gram is not None:
-                    for record in shared:
-                        record.add_gram(gram, rows)
-                    return
+        # a kernel Gram serves a call only if every record it feeds is (or now goes) past its
+        # width; rows are needed while a record keeps them
+        rows = _conv_rows(module, x) if isinstance(module, CONV_TYPES) else x.numel() // first.d
+        if all(r.mode == "gram" or r.count + rows > r.d for r in shared):
+            gram = native_gram(module, x, dtype, max_rows * first.d * first.groups, input_precision)
+            if gram is not None:
+                for record in shared:
+                    record.add_gram(gram, rows)
+                return
         for chunk in row_chunks(first, module, x, max_rows, dtype):
             if input_precision != "fp32":
                 chunk = _round_inputs(chunk, input_precision).to(dtype)

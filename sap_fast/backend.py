@@ -52,6 +52,66 @@ def _load_triton():
     return project_triton, None
 
 
+@functools.lru_cache(maxsize=None)
+def _load_triton_gram():
+    try:
+        import triton  # noqa: F401
+        from .kernels import gram_triton
+    except Exception as err:
+        why = f"Triton is unavailable ({type(err).__name__}: {err}); no Triton Gram kernel"
+        log.debug(why)
+        return None, why
+    return gram_triton, None
+
+
+GRAM_KERNELS = ("auto", "cuda", "triton")
+
+
+def gram_kernel_choice() -> str:
+    """``SAP_FAST_GRAM_KERNEL``: ``auto`` (default), ``cuda`` or ``triton`` for fp32/fp64 Grams
+    on a GPU (benchmarks compare the two; tf32/bf16 exist only as Triton kernels)."""
+    choice = os.environ.get("SAP_FAST_GRAM_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in GRAM_KERNELS:
+        raise ValueError(f"SAP_FAST_GRAM_KERNEL={choice!r}: use one of {GRAM_KERNELS}")
+    return choice
+
+
+def gram_route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: bool,
+               stride_one_spatial: bool = False, native_cpu: bool = False, native_cuda: bool = False,
+               triton_ok: bool = False, choice: str = "auto") -> Optional[str]:
+    """Which kernel computes one call's Gram without materialising its rows (pure: tested alone).
+
+    Returns ``"shift"`` (C++ shift-correlation, CPU stride-1 convs with a kernel > 1),
+    ``"cuda"`` (implicit-im2col CUDA kernel, convs), ``"triton"`` (Triton kernel, convs; and
+    linear layers in the tf32/bf16 modes) or None (stream rows on the portable path).
+
+    GPU modes: fp64 (float64 Gram of fp32 inputs) and fp32 go to the CUDA kernel, or to Triton
+    when asked for (``choice="triton"``) or when the extension has no CUDA kernels; tf32 and
+    bf16 (float32 Gram) only to Triton, which runs them on tensor cores. tf32/bf16 inputs with a
+    float64 Gram, and everything on CPU but the shift kernel, stream rows (rounded as asked).
+    """
+    if device_type == "cpu":
+        return "shift" if (conv and native_cpu and stride_one_spatial and input_precision == "fp32") else None
+    if device_type != "cuda":
+        return None
+    if input_precision != "fp32":
+        return "triton" if (triton_ok and dtype == torch.float32) else None
+    if not conv:
+        return None  # cuBLAS (baddbmm) on the streamed rows
+    if choice == "triton" and triton_ok:
+        return "triton"
+    if native_cuda and choice != "triton":
+        return "cuda"
+    return "triton" if triton_ok else None
+
+
+def triton_gram():
+    """The Triton Gram module when it can run compiled (a GPU), else None."""
+    if _forced_portable() or not torch.cuda.is_available():
+        return None
+    return _load_triton_gram()[0]
+
+
 def native() -> Optional[object]:
     """The loaded ``sap_fast._C`` module, or None (forced portable, missing, or failed)."""
     if _forced_portable():
@@ -90,8 +150,7 @@ def backend_info() -> dict:
         "accumulate": {
             "cpu": ("native: shift-correlation Gram for stride-1 convs; portable unfold + GEMM "
                     "otherwise" if use_native else "portable: unfold + GEMM"),
-            "cuda": ("native: implicit-im2col Gram kernel for convs; portable GEMM for linear "
-                     "layers" if use_cuda else "portable: unfold + GEMM"),
+            "cuda": _cuda_gram_text(use_cuda, use_triton),
         },
         "spectrum": {
             "cpu": "portable: torch.linalg.eigh / svd",
@@ -110,3 +169,13 @@ def backend_info() -> dict:
         "stages": stages,
     }
 
+
+
+def _cuda_gram_text(use_cuda: bool, use_triton: bool) -> str:
+    if not (use_cuda or use_triton):
+        return "portable: unfold + GEMM"
+    fp = ("native: implicit-im2col Gram kernel for convs" if use_cuda and gram_kernel_choice() != "triton"
+          else "triton: implicit-im2col Gram kernel for convs")
+    low = ("; tf32/bf16: Triton tensor-core Gram kernels (convs and linear layers)" if use_triton
+           else "; tf32/bf16: portable (rounded rows)")
+    return fp + "; portable GEMM for linear layers" + low

@@ -1,0 +1,124 @@
+"""The accumulate stage's one dispatch decision, :func:`sap_fast.backend.gram_route`, on every
+combination a user can reach (the GPU routes run on a GPU; this pins which one each case takes)."""
+import itertools
+
+import pytest
+import torch
+
+from sap_fast.backend import gram_route
+
+F64, F32 = torch.float64, torch.float32
+
+
+def route(device="cuda", dtype=F64, precision="fp32", conv=True, **kw):
+    base = dict(stride_one_spatial=True, native_cpu=True, native_cuda=True, triton_ok=True, choice="auto")
+    base.update(kw)
+    return gram_route(device, dtype, precision, conv=conv, **base)
+
+
+def test_cpu_only_stride_one_convs_in_fp32_inputs_take_the_shift_kernel():
+    assert route("cpu") == "shift"
+    assert route("cpu", dtype=F32) == "shift"
+    assert route("cpu", stride_one_spatial=False) is None
+    assert route("cpu", conv=False) is None
+    assert route("cpu", native_cpu=False) is None
+    assert route("cpu", precision="tf32") is None  # the rounding emulation streams rows
+    assert route("cpu", triton_ok=True, choice="triton") == "shift"  # no Triton on CPU
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_gpu_exact_and_fp32_modes_use_the_cuda_kernel_for_convs(dtype):
+    assert route(dtype=dtype) == "cuda"
+    assert route(dtype=dtype, stride_one_spatial=False) == "cuda"  # every conv geometry
+    assert route(dtype=dtype, choice="triton") == "triton"
+    assert route(dtype=dtype, native_cuda=False) == "triton"       # a Triton-only install
+    assert route(dtype=dtype, native_cuda=False, triton_ok=False) is None
+    assert route(dtype=dtype, choice="cuda", native_cuda=False) == "triton"
+    assert route(dtype=dtype, conv=False) is None                   # linear: cuBLAS on rows
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_gpu_tensor_core_modes_are_triton_only_with_a_float32_gram(precision):
+    for conv in (True, False):
+        assert route(dtype=F32, precision=precision, conv=conv) == "triton"
+        assert route(dtype=F32, precision=precision, conv=conv, triton_ok=False) is None
+        assert route(dtype=F64, precision=precision, conv=conv) is None  # rounded rows, float64 sums
+
+
+def test_other_devices_stream_rows():
+    for device, conv in itertools.product(["mps", "xpu", "meta"], [True, False]):
+        assert route(device, conv=conv) is None
+
+
+def test_bad_kernel_choice_is_a_one_line_error(monkeypatch):
+    from sap_fast import backend
+    monkeypatch.setenv("SAP_FAST_GRAM_KERNEL", "cutlass")
+    with pytest.raises(ValueError, match=r"SAP_FAST_GRAM_KERNEL='cutlass': use one of"):
+        backend.gram_kernel_choice()
+
+
+# -- the Triton route through collect_stats, on the CPU under Triton's interpreter -------------------
+from sap_fast import backend  # noqa: E402
+from support import Attention, Tokens, conv_case, rel_err  # noqa: E402
+
+ROUTED_CASES = ["2d-groups2", "2d-nonsquare-stride-dil", "1d-same-even-dil", "2d-reflect"]
+
+
+@pytest.fixture
+def triton_route(monkeypatch):
+    """collect_stats as on a GPU whose Grams go to the Triton kernels, run by the interpreter."""
+    gram_triton = pytest.importorskip("sap_fast.kernels.gram_triton")
+    if not gram_triton.interpreted():
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1 must be set before import)")
+    calls = []
+    real = gram_triton.conv_gram
+
+    def counted(*args, **kwargs):  # linear_gram calls it too
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(gram_triton, "conv_gram", counted)
+    gram_triton.calls = calls
+    monkeypatch.setattr(backend, "triton_gram", lambda: gram_triton)
+    monkeypatch.setattr(backend, "gram_route", lambda device, dtype, precision, conv, **kw:
+                        "triton" if (precision != "fp32" and dtype == F32) or (precision == "fp32" and conv)
+                        else None)
+    return gram_triton
+
+
+@pytest.mark.parametrize("case", ROUTED_CASES)
+def test_triton_route_matches_the_portable_path(triton_route, case):
+    """Padding modes, asymmetric 'same' padding, groups, stride and dilation reach the kernel
+    exactly as the portable path sees them: float64 Grams agree to round-off."""
+    model, x = conv_case(case, batch=3, seed=4)
+    model, x = model.float(), x.float()
+    got = __import__("sap_fast").collect_stats(model, x, batch_size=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend, "gram_route", lambda *a, **k: None)
+        want = __import__("sap_fast").collect_stats(model, x, batch_size=2)
+    assert triton_route.calls, "the Triton kernel never ran"
+    for name in want:
+        if want[name].mode == "gram":
+            assert got[name].mode == "gram"
+            assert rel_err(got[name].gram, want[name].gram) <= 1e-12, name
+
+
+@pytest.mark.parametrize("precision, tol", [("tf32", 1e-5), ("bf16", 1e-5)])
+def test_triton_route_tensor_core_modes_equal_rounded_rows(triton_route, precision, tol):
+    """tf32/bf16 with a float32 Gram: the kernels' value is "round the inputs, fp32 sums", the
+    same as the portable path's rounded rows (up to fp32 summation order), for convs and linear
+    layers (tokens, attention)."""
+    import sap_fast
+    torch.manual_seed(6)
+    cases = [conv_case("2d-groups2", batch=4, seed=6), (Tokens(), torch.randn(6, 5, 6)),
+             (Attention(), torch.randn(5, 4, 5))]
+    for model, x in cases:
+        model, x = model.float(), x.float()
+        del triton_route.calls[:]
+        got = sap_fast.collect_stats(model, x, dtype=F32, input_precision=precision, batch_size=2)
+        assert triton_route.calls, "the Triton kernel never ran"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(backend, "gram_route", lambda *a, **k: None)
+            want = sap_fast.collect_stats(model, x, dtype=F32, input_precision=precision, batch_size=2)
+        for name in want:
+            assert got[name].count == want[name].count, name
+            assert rel_err(got[name].gram.double(), want[name].gram.double()) <= tol, name
