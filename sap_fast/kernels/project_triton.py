@@ -22,6 +22,7 @@ tensor is materialised), scales the ``wu`` tile's columns and accumulates ``tl.d
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -208,13 +209,19 @@ def scaled_update(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor, e
         return result.zero_()
     total = eigvals.sum(-1)  # (groups,), contiguous: the same Σe as the twin
     alpha_t = torch.full((1,), alpha, dtype=weight.dtype, device=weight.device)
+    with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():  # the inputs' GPU
+        _launch(result, weight, wu, basis, eigvals, total, alpha_t, out, d, r, groups, full, config)
+    return result
+
+
+def _launch(result, weight, wu, basis, eigvals, total, alpha_t, out, d, r, groups, full, config) -> None:
     args = (result, weight, wu, basis, eigvals, total, alpha_t, out, d, r,
             *result.stride(), *weight.stride(), *wu.stride(), *basis.stride(), *eigvals.stride())
     if config is None and autotuning():
         def grid(meta):
             return triton.cdiv(out, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_N"]), groups
         _scaled_update_tuned[grid](*args, FULL=full)
-        return result
+        return
     if config is None:
         block_m, block_n, block_k = _blocks(out, d, r)
         warps, stages = 4, None
@@ -224,7 +231,6 @@ def scaled_update(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor, e
     extra = {} if stages is None else {"num_stages": stages}
     _scaled_update_kernel[grid](*args, FULL=full, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                 num_warps=warps, **extra)
-    return result
 
 
 def scaled_update_reference(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor,
