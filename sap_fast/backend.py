@@ -41,27 +41,25 @@ def _load_native():
 
 
 @functools.lru_cache(maxsize=None)
+def _load_kernels(name: str, fallback: str):
+    """(the Triton kernel module ``sap_fast.kernels.<name>``, None) or (None, why not)."""
+    try:
+        import importlib
+
+        import triton  # noqa: F401
+        return importlib.import_module(f"{__package__}.kernels.{name}"), None
+    except Exception as err:
+        why = f"Triton is unavailable ({type(err).__name__}: {err}); {fallback}"
+        log.debug(why)
+        return None, why
+
+
 def _load_triton():
-    try:
-        import triton  # noqa: F401
-        from .kernels import project_triton
-    except Exception as err:
-        why = f"Triton is unavailable ({type(err).__name__}: {err}); using torch matmuls"
-        log.debug(why)
-        return None, why
-    return project_triton, None
+    return _load_kernels("project_triton", "using torch matmuls")
 
 
-@functools.lru_cache(maxsize=None)
 def _load_triton_gram():
-    try:
-        import triton  # noqa: F401
-        from .kernels import gram_triton
-    except Exception as err:
-        why = f"Triton is unavailable ({type(err).__name__}: {err}); no Triton Gram kernel"
-        log.debug(why)
-        return None, why
-    return gram_triton, None
+    return _load_kernels("gram_triton", "no Triton Gram kernel")
 
 
 GRAM_KERNELS = ("auto", "cuda", "triton")
@@ -142,6 +140,7 @@ def backend_info() -> dict:
     module, why = _load_native()
     built = dict(module.build_info()) if module is not None else {}
     triton_module, triton_why = _load_triton()
+    gram_module, gram_why = _load_triton_gram()
     forced = _forced_portable()
     use_native = module is not None and not forced
     use_cuda = use_native and bool(built.get("cuda"))
@@ -150,7 +149,7 @@ def backend_info() -> dict:
         "accumulate": {
             "cpu": ("native: shift-correlation Gram for stride-1 convs; portable unfold + GEMM "
                     "otherwise" if use_native else "portable: unfold + GEMM"),
-            "cuda": _cuda_gram_text(use_cuda, use_triton),
+            "cuda": _cuda_gram_text(use_cuda, gram_module is not None and not forced),
         },
         "spectrum": {
             "cpu": "portable: torch.linalg.eigh / svd",
@@ -165,6 +164,7 @@ def backend_info() -> dict:
     return {
         "native": {"loaded": module is not None, "reason": why, **built},
         "triton": {"loaded": triton_module is not None, "reason": triton_why},
+        "triton_gram": {"loaded": gram_module is not None, "reason": gram_why},
         "forced_portable": forced,
         "stages": stages,
     }

@@ -21,7 +21,7 @@ No spectrum comes out of this route: reports and plots use :mod:`sap_fast.spectr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -48,7 +48,7 @@ class LayerSolve:
     mode: str
     normalised: torch.Tensor
     rhs: torch.Tensor
-    rows: torch.Tensor = None
+    rows: Optional[torch.Tensor] = None
 
 
 def _trace_scale(trace: torch.Tensor) -> torch.Tensor:
