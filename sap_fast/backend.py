@@ -66,8 +66,9 @@ GRAM_KERNELS = ("auto", "cuda", "triton")
 
 
 def gram_kernel_choice() -> str:
-    """``SAP_FAST_GRAM_KERNEL``: ``auto`` (default), ``cuda`` or ``triton`` for fp32/fp64 Grams
-    on a GPU (benchmarks compare the two; tf32/bf16 exist only as Triton kernels)."""
+    """``SAP_FAST_GRAM_KERNEL``: ``auto`` (default: CUDA kernel for convs, cuBLAS for linear
+    layers), ``cuda``, or ``triton`` (Triton for both) for fp32/fp64 Grams on a GPU; the
+    benchmarks compare them. tf32/bf16 exist only as Triton kernels."""
     choice = os.environ.get("SAP_FAST_GRAM_KERNEL", "auto").strip().lower() or "auto"
     if choice not in GRAM_KERNELS:
         raise ValueError(f"SAP_FAST_GRAM_KERNEL={choice!r}: use one of {GRAM_KERNELS}")
@@ -83,9 +84,11 @@ def gram_route(device_type: str, dtype: torch.dtype, input_precision: str, *, co
     ``"cuda"`` (implicit-im2col CUDA kernel, convs), ``"triton"`` (Triton kernel, convs; and
     linear layers in the tf32/bf16 modes) or None (stream rows on the portable path).
 
-    GPU modes: fp64 (float64 Gram of fp32 inputs) and fp32 go to the CUDA kernel, or to Triton
-    when asked for (``choice="triton"``) or when the extension has no CUDA kernels; tf32 and
-    bf16 (float32 Gram) only to Triton, which runs them on tensor cores. tf32/bf16 inputs with a
+    GPU modes: fp64 (float64 Gram of fp32 inputs) and fp32 go to the CUDA kernel for convs and
+    to cuBLAS for linear layers; ``choice="triton"`` sends both to Triton (which computes only
+    the upper triangle: half of cuBLAS's full product for ViT's linear layers), as does a conv
+    on an extension without CUDA kernels. tf32 and bf16 (float32 Gram) go only to Triton, which
+    runs them on tensor cores. tf32/bf16 inputs with a
     float64 Gram, and everything on CPU but the shift kernel, stream rows (rounded as asked).
     """
     if device_type == "cpu":
@@ -94,8 +97,8 @@ def gram_route(device_type: str, dtype: torch.dtype, input_precision: str, *, co
         return None
     if input_precision != "fp32":
         return "triton" if (triton_ok and dtype == torch.float32) else None
-    if not conv:
-        return None  # cuBLAS (baddbmm) on the streamed rows
+    if not conv:  # cuBLAS (a full baddbmm) on the streamed rows, or Triton's upper triangle
+        return "triton" if (choice == "triton" and triton_ok) else None
     if choice == "triton" and triton_ok:
         return "triton"
     if native_cuda and choice != "triton":

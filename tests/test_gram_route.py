@@ -35,6 +35,8 @@ def test_gpu_exact_and_fp32_modes_use_the_cuda_kernel_for_convs(dtype):
     assert route(dtype=dtype, native_cuda=False, triton_ok=False) is None
     assert route(dtype=dtype, choice="cuda", native_cuda=False) == "triton"
     assert route(dtype=dtype, conv=False) is None                   # linear: cuBLAS on rows
+    assert route(dtype=dtype, conv=False, choice="triton") == "triton"  # ... or Triton's triangle
+    assert route(dtype=dtype, conv=False, choice="triton", triton_ok=False) is None
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
@@ -80,16 +82,19 @@ def triton_route(monkeypatch):
     gram_triton.calls = calls
     monkeypatch.setattr(backend, "triton_gram", lambda: gram_triton)
     monkeypatch.setattr(backend, "gram_route", lambda device, dtype, precision, conv, **kw:
-                        "triton" if (precision != "fp32" and dtype == F32) or (precision == "fp32" and conv)
-                        else None)
+                        "triton" if precision == "fp32" or dtype == F32 else None)
     return gram_triton
 
 
-@pytest.mark.parametrize("case", ROUTED_CASES)
+@pytest.mark.parametrize("case", ROUTED_CASES + ["tokens", "attention"])
 def test_triton_route_matches_the_portable_path(triton_route, case):
     """Padding modes, asymmetric 'same' padding, groups, stride and dilation reach the kernel
-    exactly as the portable path sees them: float64 Grams agree to round-off."""
-    model, x = conv_case(case, batch=3, seed=4)
+    exactly as the portable path sees them, and so do linear and attention inputs of any
+    leading shape (SAP_FAST_GRAM_KERNEL=triton): float64 Grams agree to round-off."""
+    torch.manual_seed(4)
+    model, x = {"tokens": lambda: (Tokens(), torch.randn(9, 5, 6)),
+                "attention": lambda: (Attention(), torch.randn(6, 4, 5))}.get(
+        case, lambda: conv_case(case, batch=3, seed=4))()
     model, x = model.float(), x.float()
     got = __import__("sap_fast").collect_stats(model, x, batch_size=2)
     with pytest.MonkeyPatch.context() as mp:
