@@ -27,7 +27,9 @@ Modes: fp64 (default: float64 accumulation), fp32 (float32 accumulation), tf32 (
 cores, float32 accumulation), bf16 (bf16 inputs, float32 accumulation); fp64 and fp32 convs run
 the CUDA kernel (linear layers cuBLAS), and again the Triton kernels for convs and linear layers
 as fp64-triton / fp32-triton (tf32 and bf16 exist only in Triton). ViT-B/16's Gram is 84% linear
-layers, where Triton's upper triangle halves cuBLAS's full product. cuDNN/cuBLAS TF32 is off
+layers, where Triton's upper triangle halves cuBLAS's full product. fp64-shift / fp32-shift take
+stride-1 convs through the shift-correlation form in cuDNN weight-gradient calls
+(sap_fast/shift.py) where it does fewer multiply-adds, the rest as in fp64 / fp32. cuDNN/cuBLAS TF32 is off
 in the forward pass (torch.backends.*.allow_tf32 = False) so every mode sees the same fp32
 activations.
 
@@ -61,15 +63,16 @@ MODES = {
     "bf16": dict(dtype=torch.float32, input_precision="bf16"),
 }
 # the same modes with the Triton conv kernel instead of the CUDA one (SAP_FAST_GRAM_KERNEL)
-KERNELS = {"fp64-triton": "fp64", "fp32-triton": "fp32"}
+KERNELS = {"fp64-triton": ("fp64", "triton"), "fp32-triton": ("fp32", "triton"),
+           "fp64-shift": ("fp64", "shift"), "fp32-shift": ("fp32", "shift")}
 GEMM_DTYPES = {"fp64": (torch.float64, False), "fp32": (torch.float32, False),
                "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
 
 
 def mode_settings(mode: str) -> tuple:
     """(collect_stats keyword arguments, SAP_FAST_GRAM_KERNEL value, GEMM precision)."""
-    base = KERNELS.get(mode, mode)
-    return MODES[base], "triton" if mode in KERNELS else "auto", base
+    base, kernel = KERNELS.get(mode, (mode, "auto"))
+    return MODES[base], kernel, base
 ALPHAS = (1e3, 3e4, 1e6)
 WP_LIMIT = 1e-4  # the default mode must keep Wp within this relative error
 
@@ -256,7 +259,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,vit_b_16")
-    parser.add_argument("--modes", default="fp64,fp32,tf32,bf16,fp64-triton,fp32-triton")
+    parser.add_argument("--modes", default="fp64,fp32,tf32,bf16,fp64-triton,fp32-triton,fp64-shift,fp32-shift")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)

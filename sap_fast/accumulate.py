@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backend, distributed
+from . import backend, distributed, shift
 from .forward import forward_batches, resolve_device
 from .layers import CONV_TYPES, Target, select_targets
 from .capture import Capture
@@ -159,6 +159,21 @@ def native_gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elem
         native_cpu=backend.native() is not None, native_cuda=on_cuda and backend.native_cuda(),
         triton_ok=on_cuda and backend.triton_gram() is not None,
         choice=backend.gram_kernel_choice() if on_cuda else "auto")
+    if route == "torch-shift":  # only where it pays, else what "auto" picks
+        spatial = len(module.kernel_size)
+        size = x.shape[-spatial:]
+        padded = [size[i] + sum(conv_padding(module)[2 * (spatial - 1 - i):2 * (spatial - i)])
+                  for i in range(spatial)]
+        stride_one = all(s == 1 for s in module.stride)
+        if spatial <= 2 and stride_one and shift.pays(padded, module.kernel_size, module.dilation):
+            xs, padding = _native_padding(module, x if x.dim() == spatial + 2 else x.unsqueeze(0))
+            gram = shift.shift_gram(xs, list(module.kernel_size), padding, list(module.dilation),
+                                    module.groups, dtype)
+            if gram is not None:
+                return gram
+        route = backend.gram_route(x.device.type, dtype, input_precision, conv=conv,
+                                   native_cuda=backend.native_cuda(),
+                                   triton_ok=backend.triton_gram() is not None)
     if route is None:
         return None
     if not conv:  # Triton, tf32/bf16 linear: every row of the input, any leading dims
@@ -174,6 +189,8 @@ def native_gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elem
     if route == "triton":
         return backend.triton_gram().conv_gram(x, k, stride, padding, dil, module.groups,
                                                _triton_precision(dtype, input_precision))
+    if route != "shift":
+        return None
     # shift: the kernel copies its input into a zero-margined buffer: bound it by whole samples
     margined = math.prod(x.shape[2 + i] + 2 * dil[i] * (k[i] - 1) for i in range(spatial))
     step = max(1, max_elements // (margined * x.shape[1]))

@@ -62,13 +62,15 @@ def _load_triton_gram():
     return _load_kernels("gram_triton", "no Triton Gram kernel")
 
 
-GRAM_KERNELS = ("auto", "cuda", "triton")
+GRAM_KERNELS = ("auto", "cuda", "triton", "shift")
 
 
 def gram_kernel_choice() -> str:
     """``SAP_FAST_GRAM_KERNEL``: ``auto`` (default: CUDA kernel for convs, cuBLAS for linear
-    layers), ``cuda``, or ``triton`` (Triton for both) for fp32/fp64 Grams on a GPU; the
-    benchmarks compare them. tf32/bf16 exist only as Triton kernels."""
+    layers), ``cuda``, ``triton`` (Triton for both), or ``shift`` (stride-1 1-D/2-D convs by the
+    shift-correlation form in cuDNN weight-gradient calls, :mod:`sap_fast.shift`, where it does
+    fewer multiply-adds) for fp32/fp64 Grams on a GPU; the benchmarks compare them. tf32/bf16
+    exist only as Triton kernels."""
     choice = os.environ.get("SAP_FAST_GRAM_KERNEL", "auto").strip().lower() or "auto"
     if choice not in GRAM_KERNELS:
         raise ValueError(f"SAP_FAST_GRAM_KERNEL={choice!r}: use one of {GRAM_KERNELS}")
@@ -81,6 +83,7 @@ def gram_route(device_type: str, dtype: torch.dtype, input_precision: str, *, co
     """Which kernel computes one call's Gram without materialising its rows (pure: tested alone).
 
     Returns ``"shift"`` (C++ shift-correlation, CPU stride-1 convs with a kernel > 1),
+    ``"torch-shift"`` (the same form in torch weight-gradient convs, GPU, ``choice="shift"``),
     ``"cuda"`` (implicit-im2col CUDA kernel, convs), ``"triton"`` (Triton kernel, convs; and
     linear layers in the tf32/bf16 modes) or None (stream rows on the portable path).
 
@@ -101,6 +104,8 @@ def gram_route(device_type: str, dtype: torch.dtype, input_precision: str, *, co
         return "triton" if (choice == "triton" and triton_ok) else None
     if choice == "triton" and triton_ok:
         return "triton"
+    if choice == "shift" and stride_one_spatial:
+        return "torch-shift"  # where the geometry pays (sap_fast.shift.pays), else the choice "auto"
     if native_cuda and choice != "triton":
         return "cuda"
     return "triton" if triton_ok else None

@@ -1,0 +1,96 @@
+"""The shift-correlation Gram of a stride-1 conv in plain torch ops (a weight-gradient
+convolution: cuDNN on a GPU), the GPU counterpart of the C++ ``conv_gram_shift``.
+
+For a stride-1 conv the Gram block of kernel offsets ``(a, b)`` is
+``Σ_{q ∈ box_a} x[:, q] x[:, q + (b − a)·dil]ᵀ``, where ``box_a`` is where offset ``a`` reads
+the zero-padded input ``xp``. All boxes share a *core* (the positions every offset reads), where
+the block depends only on ``δ = b − a``: one weight-gradient call with ``grad_output = xp[core]``
+and a ``(2k − 1)``-wide kernel gives all of them at once, ``(2kh−1)(2kw−1)`` C×C correlations
+(25 for 3×3) instead of ``(kh·kw)²`` (81). What lies in ``box_a`` outside the core is a frame of
+at most four rectangles per offset ``a``; one more weight-gradient call per rectangle adds its
+part to every block ``(a, ·)``. The result is exact (the same products, summed in another order).
+
+It pays where the frame is thin next to the core (ResNet-50's 56² and 28² maps: the frame is
+7-14% of the box); on 7² maps the frame is larger than the core and the direct kernels win, so
+:func:`pays` decides per call. 2-D and 1-D convs, any dilation and groups, zero padding.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_weight
+
+
+def _frame(a: List[int], e: List[int], out: List[int], dil: List[int]) -> List[tuple]:
+    """Rectangles ``(r0, r1, s0, s1)`` (padded coordinates) of ``box_a`` outside the core."""
+    (a1, a2), (eh, ew), (ho, wo), (dh, dw) = a, e, out, dil
+    rows, cols = (a1 * dh, a1 * dh + ho), (a2 * dw, a2 * dw + wo)
+    rects = [(rows[0], eh, cols[0], cols[1]), (ho, rows[1], cols[0], cols[1]),   # top, bottom
+             (eh, ho, cols[0], ew), (eh, ho, wo, cols[1])]                          # left, right
+    return [r for r in rects if r[1] > r[0] and r[3] > r[2]]
+
+
+def pays(in_size, kernel_size, dilation) -> bool:
+    """Whether the shift form does fewer multiply-adds than the upper triangle of the direct
+    Gram for this geometry (``in_size``: padded spatial size; 1-D or 2-D)."""
+    k = list(kernel_size) + [1] * (2 - len(kernel_size))
+    dil = list(dilation) + [1] * (2 - len(dilation))
+    size = list(in_size) + [1] * (2 - len(in_size))
+    e = [dil[i] * (k[i] - 1) for i in range(2)]
+    out = [size[i] - e[i] for i in range(2)]
+    core = [out[i] - e[i] for i in range(2)]
+    if min(core) <= 0 or math.prod(k) == 1:
+        return False
+    taps = math.prod(k)
+    frame = sum((r1 - r0) * (s1 - s0) for a1 in range(k[0]) for a2 in range(k[1])
+                for r0, r1, s0, s1 in _frame([a1, a2], e, out, dil))
+    shift = math.prod(2 * x - 1 for x in k) * math.prod(core) + taps * frame
+    return shift < taps * (taps + 1) / 2 * math.prod(out)
+
+
+def shift_gram(x: torch.Tensor, kernel_size, padding, dilation, groups: int,
+               dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The Gram ``(groups, d, d)`` of a stride-1 conv's patch matrix, ``d = C/groups·kh·kw``,
+    columns in ``weight.view(out, -1)`` order; None when the geometry has no core (then the
+    caller uses another kernel). ``x``: ``(N, C, W)`` or ``(N, C, H, W)``; ``padding``: zeros,
+    symmetric, one per spatial dim."""
+    cudnn = torch.backends.cudnn
+    # cuDNN would run float32 weight gradients on TF32 tensor cores (its default): not this mode
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                     deterministic=cudnn.deterministic, allow_tf32=False):
+        return _shift_gram(x, kernel_size, padding, dilation, groups, dtype)
+
+
+def _shift_gram(x, kernel_size, padding, dilation, groups, dtype):
+    if x.dim() == 3:  # 1-D: a 2-D conv with a height-1 kernel
+        x = x.unsqueeze(2)
+        kernel_size, padding, dilation = [1, *kernel_size], [0, *padding], [1, *dilation]
+    n, c = x.shape[:2]
+    kh, kw = kernel_size
+    dh, dw = dilation
+    xp = F.pad(x.to(dtype), [padding[1], padding[1], padding[0], padding[0]])
+    hp, wp = xp.shape[-2:]
+    e = [dh * (kh - 1), dw * (kw - 1)]
+    out = [hp - e[0], wp - e[1]]
+    if out[0] - e[0] <= 0 or out[1] - e[1] <= 0:
+        return None
+    cg = c // groups
+    # core: D[g·cg + i, j, u, v] = Σ_{q∈core} xp[g·cg + i, q] xp[g·cg + j, q + ((u, v) − (k − 1))·dil]
+    core = xp[:, :, e[0]:out[0], e[1]:out[1]]
+    d = conv2d_weight(xp, (c, cg, 2 * kh - 1, 2 * kw - 1), core, dilation=(dh, dw), groups=groups)
+    blocks = xp.new_empty((groups, cg, kh, kw, cg, kh, kw))  # [g, i, a, j, b]
+    d = d.view(groups, cg, cg, 2 * kh - 1, 2 * kw - 1)
+    for a1 in range(kh):
+        for a2 in range(kw):
+            # block (a, b) is D at index b − a + (k − 1): a (kh, kw) window of D starting at k − 1 − a
+            window = d[:, :, :, kh - 1 - a1:2 * kh - 1 - a1, kw - 1 - a2:2 * kw - 1 - a2]
+            for r0, r1, s0, s1 in _frame([a1, a2], e, out, [dh, dw]):
+                strip = conv2d_weight(
+                    xp[:, :, r0 - a1 * dh:r1 - a1 * dh + e[0], s0 - a2 * dw:s1 - a2 * dw + e[1]],
+                    (c, cg, kh, kw), xp[:, :, r0:r1, s0:s1], dilation=(dh, dw), groups=groups)
+                window = window + strip.view(groups, cg, cg, kh, kw)
+            blocks[:, :, a1, a2] = window
+    return blocks.reshape(groups, cg * kh * kw, cg * kh * kw)
