@@ -107,14 +107,20 @@ def linear_row_chunks(x: torch.Tensor, d: int, max_rows: int, dtype: torch.dtype
         yield rows[start:start + max_rows].to(dtype).unsqueeze(0)
 
 
+def _padded_size(conv: nn.Module, x: torch.Tensor) -> List[int]:
+    """The spatial size of the conv's input after its own padding, first dim first."""
+    spatial = len(conv.kernel_size)
+    pads = conv_padding(conv)
+    return [x.shape[-spatial + i] + pads[2 * (spatial - 1 - i)] + pads[2 * (spatial - 1 - i) + 1]
+            for i in range(spatial)]
+
+
 def _conv_rows(conv: nn.Module, x: torch.Tensor) -> int:
     """Rows of the patch matrix of one conv call: samples × output positions."""
     spatial = len(conv.kernel_size)
     samples = x.shape[0] if x.dim() == spatial + 2 else 1
-    pads = conv_padding(conv)
-    out = [(x.shape[-spatial + i] + pads[2 * (spatial - 1 - i)] + pads[2 * (spatial - 1 - i) + 1]
-            - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1) // conv.stride[i] + 1
-           for i in range(spatial)]
+    out = [(size - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1) // conv.stride[i] + 1
+           for i, size in enumerate(_padded_size(conv, x))]
     return samples * math.prod(out)
 
 
@@ -144,6 +150,11 @@ def _triton_precision(dtype: torch.dtype, input_precision: str) -> str:
     return input_precision
 
 
+def _kernel_choice(x: torch.Tensor) -> str:
+    """``SAP_FAST_GRAM_KERNEL``, read for GPU tensors only (CPU calls have one route each)."""
+    return backend.gram_kernel_choice() if x.device.type == "cuda" else "auto"
+
+
 def native_gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elements: int,
                 input_precision: str = "fp32") -> Optional[torch.Tensor]:
     """The Gram ``(groups, d, d)`` of one conv or linear call (its :func:`_conv_rows` rows, or
@@ -153,27 +164,14 @@ def native_gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elem
         return None
     conv = isinstance(module, CONV_TYPES)
     on_cuda = x.device.type == "cuda"
+    choice = _kernel_choice(x)
+    stride_one = conv and all(s == 1 for s in module.stride) and math.prod(module.kernel_size) > 1
     route = backend.gram_route(
-        x.device.type, dtype, input_precision, conv=conv,
-        stride_one_spatial=conv and all(s == 1 for s in module.stride) and math.prod(module.kernel_size) > 1,
+        x.device.type, dtype, input_precision, conv=conv, stride_one_spatial=stride_one,
+        shift_pays=(choice == "shift" and stride_one and len(module.kernel_size) <= 2
+                    and shift.pays(_padded_size(module, x), module.kernel_size, module.dilation)),
         native_cpu=backend.native() is not None, native_cuda=on_cuda and backend.native_cuda(),
-        triton_ok=on_cuda and backend.triton_gram() is not None,
-        choice=backend.gram_kernel_choice() if on_cuda else "auto")
-    if route == "torch-shift":  # only where it pays, else what "auto" picks
-        spatial = len(module.kernel_size)
-        size = x.shape[-spatial:]
-        padded = [size[i] + sum(conv_padding(module)[2 * (spatial - 1 - i):2 * (spatial - i)])
-                  for i in range(spatial)]
-        stride_one = all(s == 1 for s in module.stride)
-        if spatial <= 2 and stride_one and shift.pays(padded, module.kernel_size, module.dilation):
-            xs, padding = _native_padding(module, x if x.dim() == spatial + 2 else x.unsqueeze(0))
-            gram = shift.shift_gram(xs, list(module.kernel_size), padding, list(module.dilation),
-                                    module.groups, dtype)
-            if gram is not None:
-                return gram
-        route = backend.gram_route(x.device.type, dtype, input_precision, conv=conv,
-                                   native_cuda=backend.native_cuda(),
-                                   triton_ok=backend.triton_gram() is not None)
+        triton_ok=on_cuda and backend.triton_gram() is not None, choice=choice)
     if route is None:
         return None
     if not conv:  # Triton, tf32/bf16 linear: every row of the input, any leading dims
@@ -189,9 +187,9 @@ def native_gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elem
     if route == "triton":
         return backend.triton_gram().conv_gram(x, k, stride, padding, dil, module.groups,
                                                _triton_precision(dtype, input_precision))
-    if route != "shift":
-        return None
-    # shift: the kernel copies its input into a zero-margined buffer: bound it by whole samples
+    if route == "torch-shift":
+        return shift.shift_gram(x, k, padding, dil, module.groups, dtype)
+    # "shift" (CPU): the kernel copies its input into a zero-margined buffer: bound it by whole samples
     margined = math.prod(x.shape[2 + i] + 2 * dil[i] * (k[i] - 1) for i in range(spatial))
     step = max(1, max_elements // (margined * x.shape[1]))
     gram = None

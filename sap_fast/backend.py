@@ -9,6 +9,7 @@ everywhere (for comparisons, or to rule the native kernels out when chasing a pr
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 from typing import Optional
@@ -44,8 +45,6 @@ def _load_native():
 def _load_kernels(name: str, fallback: str):
     """(the Triton kernel module ``sap_fast.kernels.<name>``, None) or (None, why not)."""
     try:
-        import importlib
-
         import triton  # noqa: F401
         return importlib.import_module(f"{__package__}.kernels.{name}"), None
     except Exception as err:
@@ -78,12 +77,13 @@ def gram_kernel_choice() -> str:
 
 
 def gram_route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: bool,
-               stride_one_spatial: bool = False, native_cpu: bool = False, native_cuda: bool = False,
-               triton_ok: bool = False, choice: str = "auto") -> Optional[str]:
+               stride_one_spatial: bool = False, shift_pays: bool = False, native_cpu: bool = False,
+               native_cuda: bool = False, triton_ok: bool = False, choice: str = "auto") -> Optional[str]:
     """Which kernel computes one call's Gram without materialising its rows (pure: tested alone).
 
     Returns ``"shift"`` (C++ shift-correlation, CPU stride-1 convs with a kernel > 1),
-    ``"torch-shift"`` (the same form in torch weight-gradient convs, GPU, ``choice="shift"``),
+    ``"torch-shift"`` (the same form in torch weight-gradient convs, GPU, ``choice="shift"``,
+    where ``shift_pays``: :func:`sap_fast.shift.pays` for a stride-1 1-D/2-D conv),
     ``"cuda"`` (implicit-im2col CUDA kernel, convs), ``"triton"`` (Triton kernel, convs; and
     linear layers in the tf32/bf16 modes) or None (stream rows on the portable path).
 
@@ -104,8 +104,8 @@ def gram_route(device_type: str, dtype: torch.dtype, input_precision: str, *, co
         return "triton" if (choice == "triton" and triton_ok) else None
     if choice == "triton" and triton_ok:
         return "triton"
-    if choice == "shift" and stride_one_spatial:
-        return "torch-shift"  # where the geometry pays (sap_fast.shift.pays), else the choice "auto"
+    if choice == "shift" and shift_pays:
+        return "torch-shift"  # elsewhere, what "auto" picks
     if native_cuda and choice != "triton":
         return "cuda"
     return "triton" if triton_ok else None
@@ -176,7 +176,6 @@ def backend_info() -> dict:
         "forced_portable": forced,
         "stages": stages,
     }
-
 
 
 def _cuda_gram_text(use_cuda: bool, use_triton: bool) -> str:

@@ -204,13 +204,14 @@ def run_correct(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     before = sap_fast.evaluate(model, val, batch_size=args.batch_size, device=args.device)
+    solver = {} if args.solver is None else {"solver": args.solver}  # else correct's / sweep's default
     if args.alpha is not None:
         fixed = sap_fast.correct(model, stats=stats, alpha=args.alpha, batch_size=args.batch_size,
-                                 device=args.device, solver=args.solver or "cholesky")
+                                 device=args.device, **solver)
         result, alpha = None, args.alpha
     else:
         result = sap_fast.sweep(model, None, val, stats=stats, alphas=_alphas(args.alphas),
-                                batch_size=args.batch_size, device=args.device, solver=args.solver or "eigh")
+                                batch_size=args.batch_size, device=args.device, **solver)
         fixed, alpha = result.model, result.best_alpha
     after = sap_fast.evaluate(fixed, val, batch_size=args.batch_size, device=args.device)
     times["alpha"] = time.perf_counter() - t

@@ -33,15 +33,20 @@ def _frame(a: List[int], e: List[int], out: List[int], dil: List[int]) -> List[t
     return [r for r in rects if r[1] > r[0] and r[3] > r[2]]
 
 
+def _geometry(size, kernel, dilation) -> tuple:
+    """``(e, out, core)`` per dim of a padded input ``size``: the frame width ``dil·(k − 1)``,
+    the output (box) size and the core size (≤ 0: no core)."""
+    e = [dilation[i] * (kernel[i] - 1) for i in range(len(size))]
+    out = [size[i] - e[i] for i in range(len(size))]
+    return e, out, [out[i] - e[i] for i in range(len(size))]
+
+
 def pays(in_size, kernel_size, dilation) -> bool:
     """Whether the shift form does fewer multiply-adds than the upper triangle of the direct
     Gram for this geometry (``in_size``: padded spatial size; 1-D or 2-D)."""
-    k = list(kernel_size) + [1] * (2 - len(kernel_size))
-    dil = list(dilation) + [1] * (2 - len(dilation))
-    size = list(in_size) + [1] * (2 - len(in_size))
-    e = [dil[i] * (k[i] - 1) for i in range(2)]
-    out = [size[i] - e[i] for i in range(2)]
-    core = [out[i] - e[i] for i in range(2)]
+    k = [1] * (2 - len(kernel_size)) + list(kernel_size)  # 1-D: a height-1 kernel, as shift_gram
+    dil = [1] * (2 - len(dilation)) + list(dilation)
+    e, out, core = _geometry([1] * (2 - len(in_size)) + list(in_size), k, dil)
     if min(core) <= 0 or math.prod(k) == 1:
         return False
     taps = math.prod(k)
@@ -72,10 +77,8 @@ def _shift_gram(x, kernel_size, padding, dilation, groups, dtype):
     kh, kw = kernel_size
     dh, dw = dilation
     xp = F.pad(x.to(dtype), [padding[1], padding[1], padding[0], padding[0]])
-    hp, wp = xp.shape[-2:]
-    e = [dh * (kh - 1), dw * (kw - 1)]
-    out = [hp - e[0], wp - e[1]]
-    if out[0] - e[0] <= 0 or out[1] - e[1] <= 0:
+    e, out, core = _geometry(list(xp.shape[-2:]), kernel_size, dilation)
+    if min(core) <= 0:
         return None
     cg = c // groups
     # core: D[g·cg + i, j, u, v] = Σ_{q∈core} xp[g·cg + i, q] xp[g·cg + j, q + ((u, v) − (k − 1))·dil]

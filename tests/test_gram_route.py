@@ -34,7 +34,8 @@ def test_gpu_exact_and_fp32_modes_use_the_cuda_kernel_for_convs(dtype):
     assert route(dtype=dtype, native_cuda=False) == "triton"       # a Triton-only install
     assert route(dtype=dtype, native_cuda=False, triton_ok=False) is None
     assert route(dtype=dtype, choice="cuda", native_cuda=False) == "triton"
-    assert route(dtype=dtype, choice="shift") == "torch-shift"      # stride-1: the shift form
+    assert route(dtype=dtype, choice="shift", shift_pays=True) == "torch-shift"  # where it pays
+    assert route(dtype=dtype, choice="shift", shift_pays=False) == "cuda"
     assert route(dtype=dtype, choice="shift", stride_one_spatial=False) == "cuda"
     assert route(dtype=dtype, conv=False) is None                   # linear: cuBLAS on rows
     assert route(dtype=dtype, conv=False, choice="triton") == "triton"  # ... or Triton's triangle

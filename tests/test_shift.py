@@ -58,8 +58,9 @@ def test_pays_on_resnet_maps(side, expected):
 
 
 def test_shift_route_through_collect_stats(monkeypatch):
-    """SAP_FAST_GRAM_KERNEL=shift as on a GPU: the stride-1 3×3 layers where it pays take the
-    torch shift form, the others fall back, and the Grams equal the portable path's."""
+    """SAP_FAST_GRAM_KERNEL=shift as on a GPU (the real router, told the tensors are on a GPU
+    without CUDA or Triton kernels): the stride-1 3×3 layers where it pays take the torch shift
+    form, the others (reflect-padded too) fall back, and the Grams equal the portable path's."""
     calls = []
     import sap_fast.shift as shift_module
     real = shift_module.shift_gram
@@ -68,7 +69,11 @@ def test_shift_route_through_collect_stats(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
                           nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 2, 3)).double()
     x = torch.randn(3, 3, 20, 20, dtype=torch.float64)
-    monkeypatch.setattr(backend, "gram_route", lambda *a, conv, **k: "torch-shift" if conv else None)
+    from sap_fast import accumulate
+    real_route = backend.gram_route
+    monkeypatch.setattr(accumulate, "_kernel_choice", lambda x: "shift")
+    monkeypatch.setattr(backend, "gram_route", lambda device, *a, **k: real_route(
+        "cuda", *a, **{**k, "native_cuda": False, "triton_ok": False}))
     got = sap_fast.collect_stats(model, x, batch_size=2)
     assert calls, "the shift form never ran"
     monkeypatch.setattr(backend, "gram_route", lambda *a, **k: None)
