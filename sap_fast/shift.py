@@ -62,11 +62,27 @@ def shift_gram(x: torch.Tensor, kernel_size, padding, dilation, groups: int,
     columns in ``weight.view(out, -1)`` order; None when the geometry has no core (then the
     caller uses another kernel). ``x``: ``(N, C, W)`` or ``(N, C, H, W)``; ``padding``: zeros,
     symmetric, one per spatial dim."""
+    _check(x, kernel_size, padding, dilation, groups, dtype)
     cudnn = torch.backends.cudnn
     # cuDNN would run float32 weight gradients on TF32 tensor cores (its default): not this mode
     with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
                      deterministic=cudnn.deterministic, allow_tf32=False):
         return _shift_gram(x, kernel_size, padding, dilation, groups, dtype)
+
+
+def _check(x, kernel_size, padding, dilation, groups, dtype) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or not x.is_floating_point():
+        raise ValueError(f"shift_gram: x must be a floating (N, C, W) or (N, C, H, W) tensor, got "
+                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else (tuple(x.shape), x.dtype)}")
+    spatial = x.dim() - 2
+    for name, value in (("kernel_size", kernel_size), ("padding", padding), ("dilation", dilation)):
+        if len(value) != spatial or any(int(v) < (1 if name != "padding" else 0) for v in value):
+            raise ValueError(f"shift_gram: {name} must be {spatial} int(s) "
+                             f"{'>= 0' if name == 'padding' else '>= 1'}, got {list(value)}")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"shift_gram: groups must be a positive int dividing C={x.shape[1]}, got {groups!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"shift_gram: dtype must be torch.float32 or torch.float64, got {dtype}")
 
 
 def _shift_gram(x, kernel_size, padding, dilation, groups, dtype):

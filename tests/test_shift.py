@@ -80,3 +80,19 @@ def test_shift_route_through_collect_stats(monkeypatch):
     want = sap_fast.collect_stats(model, x, batch_size=2)
     for name in want:
         assert rel_err(got[name].gram, want[name].gram) <= 1e-12, name
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x: shift_gram(x[0, 0], [3, 3], [1, 1], [1, 1], 1, torch.float64), "x must be a floating"),
+    (lambda x: shift_gram(x.long(), [3, 3], [1, 1], [1, 1], 1, torch.float64), "x must be a floating"),
+    (lambda x: shift_gram(x, [3], [1, 1], [1, 1], 1, torch.float64), "kernel_size must be 2 int"),
+    (lambda x: shift_gram(x, [3, 3], [-1, 1], [1, 1], 1, torch.float64), "padding must be 2 int"),
+    (lambda x: shift_gram(x, [3, 3], [1, 1], [0, 1], 1, torch.float64), "dilation must be 2 int"),
+    (lambda x: shift_gram(x, [3, 3], [1, 1], [1, 1], 3, torch.float64), "groups must be a positive int"),
+    (lambda x: shift_gram(x, [3, 3], [1, 1], [1, 1], 1, torch.float16), "dtype must be"),
+])
+def test_bad_arguments_are_one_line_errors(call, message):
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=message) as err:
+        call(x)
+    assert "\n" not in str(err.value)
