@@ -53,9 +53,11 @@ MIN_MB = 5.0  # smallest peak-memory rise worth a ratio
 WORKER = r"""
 import json, resource, time, torch
 from torch import nn
-from sap_fast import backend
-from sap_fast.accumulate import CHUNK_ELEMENTS, conv_row_chunks, native_gram
-assert backend.native() is not None, backend.backend_info()["native"]["reason"]
+from sap_fast.accumulate import CHUNK_ELEMENTS, conv_row_chunks
+from sap_fast.backends.gram import gram
+from sap_fast.backends.info import backend_info
+from sap_fast.backends.native import native
+assert native() is not None, backend_info()["native"]["reason"]
 torch.manual_seed(0)
 torch.set_num_threads({threads})
 c, size, k, stride, pad, batch = {layer}
@@ -73,7 +75,7 @@ def tiled(x):
     return torch.ops.sap_fast.conv_gram(x, [k, k], [stride] * 2, [pad] * 2, [1, 1], 1, dtype)
 
 def shift(x):
-    return native_gram(conv, x, dtype, CHUNK_ELEMENTS)
+    return gram(conv, x, dtype, CHUNK_ELEMENTS)
 
 run = {{"portable": portable, "tiled": tiled, "shift": shift}}["{kernel}"]
 run(torch.randn(1, c, 2 * k + 1, 2 * k + 1))   # warm-up on a tiny input

@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_results  # noqa: E402
 
 import sap_fast  # noqa: E402
-from sap_fast.demo import default_cache_dir, noisy_model  # noqa: E402
-from sap_fast.evaluate import trusted_set_quality  # noqa: E402
+from sap_fast.experiments.digits import default_cache_dir, noisy_model  # noqa: E402
+from sap_fast.experiments.metrics import trusted_set_quality  # noqa: E402
 
 
 def measured(seeds, draws: int, ns=(100, 300), ks=(200, 400, 800, None)) -> tuple:

@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import sap_fast  # noqa: E402
-from sap_fast.project import Projector, targets_with_stats  # noqa: E402
+from sap_fast.project import Projector  # noqa: E402
 from sap_fast.sweep import DEFAULT_ALPHAS  # noqa: E402
 from common import write_results  # noqa: E402
 from gpu_gram import Timer  # noqa: E402
@@ -80,16 +80,16 @@ def choose_eval(model, val_x, batch: int, device) -> dict:
 
 def time_twin(projector, work, device) -> float:
     """Mean seconds per α of the update with the plain torch twin instead of the Triton kernel."""
-    from sap_fast import backend
-    saved = backend.triton_update
-    backend.triton_update = lambda: None
+    from sap_fast.backends import triton
+    saved = triton.compiled
+    triton.compiled = lambda name: None if name == "update" else saved(name)
     try:
         projector.apply(work, 2.0)
         with Timer(device) as t:
             for alpha in DEFAULT_ALPHAS:
                 projector.apply(work, alpha)
     finally:
-        backend.triton_update = saved
+        triton.compiled = saved
     return t.seconds / len(DEFAULT_ALPHAS)
 
 
@@ -119,13 +119,12 @@ def run_model(name: str, args, device: torch.device) -> dict:
     with Timer(device) as t:
         stats = sap_fast.collect_stats(model, trusted, batch_size=args.batch, show_progress=False)
     out["stats_s"] = t.seconds
-    targets = targets_with_stats(model, None, stats)
     work = copy.deepcopy(model)
     if fast_eval:
         work = work.to(memory_format=torch.channels_last)
     for solver in ("eigh", "cholesky"):
         with Timer(device) as t:
-            projector = Projector(model, targets, stats, solver=solver)
+            projector = Projector(model, stats, solver=solver)
         row = {"setup_s": t.seconds, "update_s": {}, "eval_s": {}, "val_accuracy": {}}
         projector.apply(work, 2.0)  # warm-up: Triton compiles and autotunes once per layer shape
         if solver == "eigh":  # the Triton update against its plain-torch twin, per α

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from sap_fast.layers import CONV_TYPES, select_targets  # noqa: E402
+from sap_fast._runtime.layers import CONV_TYPES, select_targets  # noqa: E402
 
 __all__ = ["resnet50", "vit_b_16", "build", "census", "Census", "LayerCensus", "MODELS",
            "Bottleneck", "ResNet", "VisionTransformer", "EncoderBlock", "Encoder"]

@@ -63,7 +63,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from sap_fast import reference as _ref  # noqa: E402
 from sap_fast.capture import heads_before_out_proj  # noqa: E402
-from sap_fast.layers import CONV_TYPES, all_targets  # noqa: E402
+from sap_fast._runtime.layers import CONV_TYPES, all_targets  # noqa: E402
 
 __all__ = ["official_correct", "OfficialResult", "importance", "per_batch_cap"]
 

@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import sap_fast  # noqa: E402
 from common import write_results  # noqa: E402
-from sap_fast.digits import make_noisy_model  # noqa: E402
+from sap_fast.experiments.digits import make_noisy_model  # noqa: E402
 from sap_fast import reference  # noqa: E402
 from sap_fast.spectrum import importance, spectra  # noqa: E402
 

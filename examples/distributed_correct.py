@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 import sap_fast
-from sap_fast import digits
+from sap_fast.experiments import digits
 from sap_fast.distributed import local_positions, shard
-from sap_fast.evaluate import trusted_set_quality
+from sap_fast.experiments.metrics import trusted_set_quality
 
 
 def main() -> None:

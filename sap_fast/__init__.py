@@ -1,15 +1,23 @@
 """sap_fast: Scaled Activation Projection (SAP) — one-shot correction of models trained on noisy labels.
 
-The pipeline (one module per stage): :func:`select_trusted` → :func:`collect_stats` →
-spectra → projection (:func:`correct`), and :func:`sweep` to choose α on a validation split.
+The pipeline, one module per stage: :func:`select_trusted` (:mod:`.select`) → hooks
+(:mod:`.capture`) → :func:`collect_stats` (:mod:`.accumulate`, :class:`Stats` in :mod:`.stats`)
+→ spectra (:mod:`.spectrum`) or the Cholesky solve (:mod:`.solve`) → the update
+(:class:`Projector`, :func:`correct`; :mod:`.project`) → :func:`sweep` to choose α
+(:mod:`.sweep`); :mod:`.distributed` runs every stage over ``torch.distributed``.
 :mod:`sap_fast.reference` is the slow float64 oracle every fast path is tested against.
+
+Below the core: :mod:`sap_fast.backends` (which kernel serves each stage, and the call) and
+``sap_fast._runtime`` (running the model, data forms, layer coverage, checks, file writes).
+Above it: :mod:`sap_fast.cli` (the ``sap-fast`` command), :mod:`sap_fast.experiments` (digits,
+label noise, the demo, the comparison harness) and :mod:`sap_fast.baselines`.
 """
-from . import distributed
+from . import distributed  # noqa: F401  (sap_fast.distributed.* is public)
+from ._runtime.data import subset
+from ._runtime.evaluate import evaluate
 from .accumulate import collect_stats
-from .backend import backend_info
-from .data import subset
-from .evaluate import evaluate
-from .project import correct
+from .backends.info import backend_info
+from .project import Projector, correct
 from .select import lowest_per_class, sample_scores, select_suspects, select_trusted
 from .stats import LayerStats, Stats
 from .sweep import DEFAULT_ALPHAS, SweepResult, SweepRow, sweep
@@ -17,5 +25,5 @@ from .sweep import DEFAULT_ALPHAS, SweepResult, SweepRow, sweep
 __version__ = "0.1.0"
 
 __all__ = ["backend_info", "select_trusted", "select_suspects", "sample_scores", "lowest_per_class",
-           "collect_stats", "correct", "sweep", "Stats", "LayerStats",
+           "collect_stats", "Projector", "correct", "sweep", "Stats", "LayerStats",
            "SweepResult", "SweepRow", "DEFAULT_ALPHAS", "evaluate", "subset", "__version__"]

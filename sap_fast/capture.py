@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Target
+from ._runtime.layers import Target, input_fits
 
 # sink(targets, module, x): ``x`` is the input of every target in ``targets`` (several when one
 # tensor feeds the q/k/v blocks of a self-attention layer, so its rows are formed only once)
@@ -78,12 +78,15 @@ class Capture:
 
     def _input_hook(self, target: Target):
         def hook(module, args):
-            self.sink([target], module, args[0])
+            if input_fits(module, args[0]):  # else the module's own forward raises its own error
+                self.sink([target], module, args[0])
         return hook
 
     def _mha_hook(self, targets: List[Target]):
         def hook(module, args, kwargs):
             call = _mha_inputs(module, args, kwargs)
+            if not input_fits(module, call):  # the module's own forward raises its own error
+                return None
             by_input: Dict[object, Tuple[torch.Tensor, List[Target]]] = {}
             for t in targets:  # q, k, v, then out_proj: records keep this order
                 part = t.name.rsplit(".", 1)[1]

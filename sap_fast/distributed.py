@@ -28,11 +28,12 @@ by the process group's timeout (pass ``timeout=`` to ``init_process_group``).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
+from ._runtime.checks import positive_int, resolve_group  # noqa: F401  (resolve_group: public here too)
 from .stats import LayerStats, Stats
 
 BUCKET_BYTES = 64 << 20  # bytes per collective: bounds the extra memory, amortises the latency
@@ -40,30 +41,6 @@ BUCKET_BYTES = 64 << 20  # bytes per collective: bounds the extra memory, amorti
 # speed and the links are the bottleneck; on CPUs the packing cost more than it saved over gloo
 # (benchmarks/README.md).
 PACK_TRIANGLES: Optional[bool] = None
-
-
-def _initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def resolve_group(process_group=None):
-    """The group to work over, or None for the local (single-process) code path."""
-    if process_group is False:
-        return None
-    if process_group is None:
-        if not _initialized():
-            return None
-        group = dist.group.WORLD
-    elif process_group is True or isinstance(process_group, dist.ProcessGroup):
-        if not _initialized():
-            raise ValueError("process_group was given but torch.distributed is not initialized; call "
-                             "torch.distributed.init_process_group first (torchrun sets its environment) "
-                             "or pass process_group=None")
-        group = dist.group.WORLD if process_group is True else process_group
-    else:
-        raise TypeError(f"process_group must be None, True, False or a torch.distributed ProcessGroup, "
-                        f"got {type(process_group).__name__}")
-    return group if dist.get_world_size(group) > 1 else None
 
 
 def rank(group) -> int:
@@ -328,8 +305,7 @@ def shard(n: int, process_group=None) -> torch.Tensor:
     """This rank's contiguous block of ``range(n)`` (the global ids of its samples); all of it
     outside a distributed job. Blocks in rank order tile ``range(n)``, so the default global ids
     of :func:`sap_fast.select_trusted` are the dataset positions."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    positive_int(n, "n", minimum=0)
     group = resolve_group(process_group)
     if group is None:
         return torch.arange(n)
@@ -345,71 +321,95 @@ def local_positions(selected, indices) -> torch.Tensor:
 
 
 # -- statistics -----------------------------------------------------------------------------------
-def _layout(records: dict) -> list:
-    """Per record name: (name, key of its record object on this rank, d, groups, dtype, count)."""
+class LayerLayout(NamedTuple):
+    """One record name on one rank, as the other ranks need to know it."""
+    name: str
+    record: int       # position of the first name sharing its record object on this rank
+    d: int
+    groups: int
+    dtype: str
+    count: int        # rows seen on this rank
+
+
+class RankLayout(NamedTuple):
+    """What one rank's statistics pass saw: its samples and its records, in forward order."""
+    samples: int
+    layers: List[LayerLayout]
+
+
+def layout(records: Dict[str, LayerStats]) -> List[LayerLayout]:
+    """The :class:`LayerLayout` of every record name, in order."""
     first: Dict[int, int] = {}
-    out = []
-    for i, (name, rec) in enumerate(records.items()):
-        key = first.setdefault(id(rec), i)
-        out.append((name, key, rec.d, rec.groups, str(rec.dtype), rec.count))
-    return out
+    return [LayerLayout(name, first.setdefault(id(rec), i), rec.d, rec.groups, str(rec.dtype), rec.count)
+            for i, (name, rec) in enumerate(records.items())]
 
 
-def reduce_stats(records: Dict[str, LayerStats], samples: int, layouts: List[dict], group, device,
+class _Job(NamedTuple):
+    """Record names that share one reduction: their shape, row counts per rank, this rank's data."""
+    names: List[str]
+    d: int
+    groups: int
+    counts: List[int]
+    tensor: torch.Tensor   # this rank's Gram (reduced in place) or rows (gathered)
+
+
+def reduce_stats(records: Dict[str, LayerStats], layouts: List[RankLayout], group, device,
                  dtype: torch.dtype) -> Stats:
     """Sum every rank's local records (name → LayerStats) into identical :class:`Stats`.
 
-    ``layouts``: every rank's ``{"samples", "layers": _layout(records)}`` (from :func:`exchange`).
-    Names first seen on a lower rank come first (forward order of the union in rank order).
-    Names share one record where they share one on every rank that ran them (self-attention's
-    q/k/v), as one process would have kept them. A layer whose total rows exceed its width is
-    all-reduced as a Gram; else its rows are gathered.
+    ``layouts``: every rank's :class:`RankLayout` (from :func:`exchange`). Names first seen on
+    a lower rank come first (forward order of the union in rank order). Names share one record
+    where they share one on every rank that ran them (self-attention's q/k/v), as one process
+    would have kept them. A layer whose total rows exceed its width is all-reduced as a Gram;
+    else its rows are gathered.
     """
-    per_rank = [{row[0]: row for row in lay["layers"]} for lay in layouts]
+    per_rank = [{lay.name: lay for lay in rank_layout.layers} for rank_layout in layouts]
     order: List[str] = []
-    for lay in layouts:
-        order += [row[0] for row in lay["layers"] if row[0] not in order]
+    for rank_layout in layouts:
+        order += [lay.name for lay in rank_layout.layers if lay.name not in order]
     if not order:
         raise ValueError("no covered layer ran during the forward pass on any rank; check layers= "
                          "and the model")
-    classes: Dict[tuple, List[str]] = {}
+    sharing: Dict[tuple, List[str]] = {}   # names that share one record on every rank
     for name in order:
-        rows = [p.get(name) for p in per_rank]
-        have = [r for r in rows if r is not None]
-        if any(r[2:5] != have[0][2:5] for r in have):
+        seen = [p.get(name) for p in per_rank]
+        have = [lay for lay in seen if lay is not None]
+        shapes = {(lay.d, lay.groups, lay.dtype) for lay in have}
+        if len(shapes) > 1:
             raise ValueError(f"ranks disagree on layer '{name}' (width, groups, dtype: "
-                             f"{sorted({r[2:5] for r in have})}); run the same model and layers= on every rank")
-        classes.setdefault(tuple(None if r is None else r[1] for r in rows), []).append(name)
+                             f"{sorted(shapes)}); run the same model and layers= on every rank")
+        sharing.setdefault(tuple(None if lay is None else lay.record for lay in seen), []).append(name)
 
-    gram_jobs, row_jobs = [], []   # per class: (names, d, groups, count(s), this rank's tensor)
+    gram_jobs: List[_Job] = []
+    row_jobs: List[_Job] = []
     used = set()
-    for key, names in classes.items():
-        _, _, d, groups, _, _ = next(p[names[0]] for p in per_rank if names[0] in p)
-        counts = [p[names[0]][5] if names[0] in p else 0 for p in per_rank]
+    for names in sharing.values():
+        first = next(p[names[0]] for p in per_rank if names[0] in p)
+        d, groups = first.d, first.groups
+        counts = [p[names[0]].count if names[0] in p else 0 for p in per_rank]
         local = records.get(names[0])
         if sum(counts) > d:
             if local is None:
                 gram = torch.zeros(groups, d, d, dtype=dtype, device=device)
-            elif local.mode == "gram":  # reduce in place unless another class uses this record too
+            elif local.mode == "gram":  # reduce in place unless another job uses this record too
                 gram = local.gram.clone() if id(local) in used else local.gram
             else:
                 gram = local.gram.contiguous()
-            gram_jobs.append((names, d, groups, sum(counts), gram))
+            gram_jobs.append(_Job(names, d, groups, counts, gram))
         else:
             rows = local.rows if local is not None and local.count else \
                 torch.zeros(groups, 0, d, dtype=dtype, device=device)
-            row_jobs.append((names, d, groups, counts, rows))
+            row_jobs.append(_Job(names, d, groups, counts, rows))
         if local is not None:
             used.add(id(local))
 
-    all_reduce_sum([job[4] for job in gram_jobs], group, symmetric=pack_triangles(group))
-    gathered = all_gather_rows([job[4] for job in row_jobs], [job[3] for job in row_jobs], group)
+    all_reduce_sum([job.tensor for job in gram_jobs], group, symmetric=pack_triangles(group))
+    gathered = all_gather_rows([job.tensor for job in row_jobs], [job.counts for job in row_jobs], group)
     out: Dict[str, LayerStats] = {}
-    for names, d, groups, count, gram in gram_jobs:
-        record = LayerStats.from_state({"d": d, "groups": groups, "count": count, "gram": gram}, device)
-        out.update({n: record for n in names})
-    for (names, d, groups, counts, _), rows in zip(row_jobs, gathered):
-        record = LayerStats.from_state({"d": d, "groups": groups, "count": sum(counts), "rows": rows},
-                                       device)
-        out.update({n: record for n in names})
-    return Stats({n: out[n] for n in order}, sum(lay["samples"] for lay in layouts))
+    done = [("gram", job, job.tensor) for job in gram_jobs] + \
+        [("rows", job, rows) for job, rows in zip(row_jobs, gathered)]
+    for key, job, data in done:
+        record = LayerStats.from_state({"d": job.d, "groups": job.groups, "count": sum(job.counts),
+                                        key: data}, device)
+        out.update({n: record for n in job.names})
+    return Stats({n: out[n] for n in order}, sum(rank_layout.samples for rank_layout in layouts))

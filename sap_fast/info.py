@@ -1,7 +1,7 @@
 """``python -m sap_fast.info``: what the native build holds and what each stage will use."""
 import json
 
-from .backend import backend_info
+from .backends.info import backend_info
 
 if __name__ == "__main__":
     print(json.dumps(backend_info(), indent=2, ensure_ascii=False))

@@ -1,9 +1,14 @@
-"""Stage 4: the update ``W ← W Wpᵀ`` with ``Wp = U diag(λ) Uᵀ``, and :func:`correct`.
+"""Stage 4: the update ``W ← W Wpᵀ`` with ``Wp = U diag(λ) Uᵀ``; :class:`Projector` and :func:`correct`.
 
 ``Wp`` is never formed: ``W Wp = (W U) diag(λ) Uᵀ``, so a thin basis (wide, short layer)
 never costs a ``d × d`` temporary. With a full basis the numerically careful form
 ``W − (W U) diag(1 − λ) Uᵀ`` is used: at large α most λ are ≈ 1 and ``1 − λ`` is small.
 ``W U`` is computed once per layer, so each further α costs one matmul per layer.
+
+:class:`Projector` owns the one decomposition of a run: built once from the statistics, it gives
+the corrected weights at any α (:meth:`Projector.weights`), writes them into a model
+(:meth:`Projector.apply`), and hands out the spectra for reports (:attr:`Projector.spectra`),
+computing them only when the solve route was used and only when asked.
 """
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from . import backend, distributed, solve
-from .accumulate import collect_stats
-from .forward import check_alpha, check_batch_size, resolve_device
-from .layers import Target, select_targets
-from .spectrum import LayerSpectrum, importance, spectra
+from . import distributed, solve
+from ._runtime import checks
+from ._runtime.checks import RunOptions
+from ._runtime.layers import Target, select_targets
+from .accumulate import collect
+from .backends import triton
+from .spectrum import LayerSpectrum, decompose, importance
 from .stats import Stats
 
 
@@ -30,7 +37,7 @@ def projected_weight(weight: torch.Tensor, spectrum: LayerSpectrum, alpha: float
     available, torch matmuls otherwise (the kernel's tests hold it to this path)."""
     u = spectrum.basis
     wu = weight @ u if weight_basis is None else weight_basis
-    kernels = backend.triton_update() if weight.is_cuda else None
+    kernels = triton.compiled("update") if weight.is_cuda else None
     if kernels is not None:  # λ formed inside the kernel, fused with the two products
         return kernels.scaled_update(weight, wu, u, spectrum.eigvals, alpha, full=spectrum.full)
     lam = importance(spectrum.energies, alpha).unsqueeze(-2)  # (groups, 1, r)
@@ -40,45 +47,101 @@ def projected_weight(weight: torch.Tensor, spectrum: LayerSpectrum, alpha: float
 
 
 class Projector:
-    """What every α needs, computed once for a model's targets; applies any α to a model copy.
+    """SAP's projection of one model, prepared once from its statistics; any α on demand.
 
-    ``solver="eigh"``: the spectra (:mod:`sap_fast.spectrum`) and ``W U`` per layer, then one
-    matmul per layer per α. ``solver="cholesky"``: ``G/trG`` and ``G/trG · Wᵀ`` per layer, then
-    one Cholesky solve per layer per α (:mod:`sap_fast.solve`); ``spectra`` is None.
+    Args:
+        model: the model the statistics were collected from (its weights are read, never changed).
+        stats: :class:`Stats` from :func:`sap_fast.collect_stats`.
+        layers: which layers to project (None = every covered layer the stats hold).
+        solver: ``"eigh"`` (default): one eigendecomposition per layer, computed here, then one
+            matmul per layer per α; or ``"cholesky"``: ``G/trG`` and ``G/trG · Wᵀ`` per layer,
+            then one Cholesky solve per layer per α (:mod:`sap_fast.solve`), no eigendecomposition.
+        process_group: as in :func:`sap_fast.correct` (the decompositions or solves are spread
+            over the ranks and broadcast, so every rank gets identical weights).
+
+    :meth:`weights` (name → corrected weight) and :meth:`apply` (into a model) take ``alpha``
+    (None = the original weights). :attr:`spectra` are the layers' spectra: already there with
+    ``solver="eigh"``, computed on first access (and then kept) with ``"cholesky"``;
+    :attr:`has_spectra` tells which, so a report can skip a decomposition nobody asked for.
     """
 
-    def __init__(self, model: nn.Module, targets: List[Target], stats: Stats, process_group=None,
-                 solver: str = "eigh"):
+    def __init__(self, model: nn.Module, stats: Stats, *, layers=None, solver: str = "eigh",
+                 process_group=None):
+        checks.plain_model(model)
+        if not isinstance(stats, Stats):
+            raise TypeError(f"stats must be a sap_fast.Stats, got {type(stats).__name__}")
+        self._setup(model, targets_with_stats(model, layers, stats), stats, checks.solver(solver),
+                    checks.resolve_group(process_group))
+
+    @classmethod
+    def _prepared(cls, model: nn.Module, targets: List[Target], stats: Stats, solver: str,
+                  group) -> "Projector":
+        """A projector on arguments the caller has already checked and resolved."""
+        self = cls.__new__(cls)
+        self._setup(model, targets, stats, solver, group)
+        return self
+
+    def _setup(self, model, targets, stats, solver, group) -> None:
         modules = dict(model.named_modules())
-        self.targets = targets
-        self.solver = solve.check_solver(solver)
-        self.group = distributed.resolve_group(process_group)
-        self.weights: Dict[str, torch.Tensor] = {}
-        self.weight_bases: Dict[str, torch.Tensor] = {}
-        self.spectra: Optional[Dict[str, LayerSpectrum]] = None
-        if solver == "cholesky":
-            self._solves: Dict[str, solve.LayerSolve] = {}
-            self._normalised: Dict[int, tuple] = {}
-            self._records = {t.name: stats[t.name] for t in targets}
-            for t in targets:
-                record = self._records[t.name]
-                self.weights[t.name] = t.weight(modules).detach().to(device=record.device,
-                                                                      dtype=torch.float64)
-            return
-        self.spectra = spectra(stats, [t.name for t in targets], process_group)
+        self.targets: List[Target] = targets
+        self.solver = solver
+        self.group = group
+        self._stats = stats
+        self._spectra: Optional[Dict[str, LayerSpectrum]] = None
+        self._original: Dict[str, torch.Tensor] = {}
+        self._weight_bases: Dict[str, torch.Tensor] = {}
+        self._solves: Dict[str, solve.LayerSolve] = {}
+        self._normalised: Dict[int, tuple] = {}
+        names = [t.name for t in targets]
+        if solver == "eigh":
+            self._spectra = decompose(stats, names, group)
         for t in targets:
-            spec = self.spectra[t.name]
-            w = t.weight(modules).detach().to(device=spec.basis.device, dtype=spec.basis.dtype)
-            self.weights[t.name] = w
-            self.weight_bases[t.name] = w @ spec.basis
+            device = stats[t.name].device if self._spectra is None else self._spectra[t.name].basis.device
+            w = t.weight(modules).detach().to(device=device, dtype=torch.float64)
+            self._original[t.name] = w
+            if self._spectra is not None:
+                self._weight_bases[t.name] = w @ self._spectra[t.name].basis
+
+    # -- spectra -----------------------------------------------------------------------------
+    @property
+    def has_spectra(self) -> bool:
+        """Whether :attr:`spectra` is already computed (always with ``solver="eigh"``)."""
+        return self._spectra is not None
+
+    @property
+    def spectra(self) -> Dict[str, LayerSpectrum]:
+        """Layer name → :class:`~sap_fast.spectrum.LayerSpectrum`; with ``solver="cholesky"`` the
+        eigendecompositions run here, on first access."""
+        if self._spectra is None:
+            self._spectra = decompose(self._stats, [t.name for t in self.targets], self.group)
+        return self._spectra
+
+    # -- weights -----------------------------------------------------------------------------
+    def weights(self, alpha: Optional[float]) -> Dict[str, torch.Tensor]:
+        """Target name → corrected weight ``(groups, out, d)`` (float64) at ``alpha``;
+        ``alpha=None`` gives the original weights."""
+        if alpha is None:
+            return dict(self._original)
+        alpha = checks.alpha(alpha)
+        if self.solver == "cholesky":
+            return self._solve_all(alpha)
+        return {t.name: projected_weight(self._original[t.name], self._spectra[t.name], alpha,
+                                         self._weight_bases[t.name]) for t in self.targets}
+
+    def apply(self, model: nn.Module, alpha: Optional[float]) -> None:
+        """Write the weights at ``alpha`` into ``model`` (the same architecture), in place."""
+        new = self.weights(alpha)  # everything computed before anything is written
+        modules = dict(model.named_modules())
+        for t in self.targets:
+            t.write(modules, new[t.name].to(t.weight(modules).device))
 
     def _solved(self, name: str, alpha: float):
         if name not in self._solves:  # prepared on first use: in a distributed job, on its owner only
-            record = self._records[name]
+            record = self._stats[name]
             key = id(record)  # q/k/v of one self-attention share one record, so one G/trG
             if key not in self._normalised:
                 self._normalised[key] = solve.normalise(record)
-            self._solves[name] = solve.prepare(self._normalised[key], self.weights[name])
+            self._solves[name] = solve.prepare(self._normalised[key], self._original[name])
         return solve.solved_weight(self._solves[name], alpha)
 
     def _solve_all(self, alpha: float) -> Dict[str, torch.Tensor]:
@@ -92,8 +155,9 @@ class Projector:
             return new
         # distributed: each layer solved on one rank (balanced by d³), broadcast to all, so every
         # rank ends with bitwise identical weights
-        costs = [float(self.weights[n].shape[-1]) ** 3 * self.weights[n].shape[0] for n in names]
-        shapes = [[(tuple(self.weights[n].shape), torch.float64, self.weights[n].device)] for n in names]
+        original = self._original
+        costs = [float(original[n].shape[-1]) ** 3 * original[n].shape[0] for n in names]
+        shapes = [[(tuple(original[n].shape), torch.float64, original[n].device)] for n in names]
 
         def compute(i):
             weight, info = self._solved(names[i], alpha)
@@ -102,21 +166,6 @@ class Projector:
 
         results = distributed.spread(costs, shapes, compute, self.group)
         return {n: r[0] for n, r in zip(names, results)}
-
-    def new_weights(self, alpha: Optional[float]) -> Dict[str, torch.Tensor]:
-        """Target name → corrected weight; ``alpha=None`` gives the original weights."""
-        if alpha is None:
-            return dict(self.weights)
-        if self.solver == "cholesky":
-            return self._solve_all(alpha)
-        return {t.name: projected_weight(self.weights[t.name], self.spectra[t.name], alpha,
-                                         self.weight_bases[t.name]) for t in self.targets}
-
-    def apply(self, model: nn.Module, alpha: Optional[float]) -> None:
-        new = self.new_weights(alpha)  # everything computed before anything is written
-        modules = dict(model.named_modules())
-        for t in self.targets:
-            t.write(modules, new[t.name].to(t.weight(modules).device))
 
 
 def targets_with_stats(model: nn.Module, layers, stats: Stats) -> List[Target]:
@@ -145,17 +194,17 @@ def targets_with_stats(model: nn.Module, layers, stats: Stats) -> List[Target]:
     return usable
 
 
-def _stats_for(model, data, stats, layers, batch_size, device, what="data", process_group=None) -> Stats:
+def given_or_collected(model: nn.Module, data, stats: Optional[Stats], layers, opts: RunOptions) -> Stats:
+    """The statistics a correction works from: ``stats`` as given, or collected from ``data``
+    (exactly one of the two)."""
     if stats is None:
         if data is None:
             raise ValueError("pass the trusted samples as data= or precomputed stats=")
-        return collect_stats(model, data, layers=layers, batch_size=batch_size, device=device,
-                             process_group=process_group)
+        return collect(model, data, opts, layers=layers)
     if data is not None:
         raise ValueError("pass either the trusted samples (data=) or precomputed stats=, not both")
     if not isinstance(stats, Stats):
         raise TypeError(f"stats must be a sap_fast.Stats, got {type(stats).__name__}")
-    resolve_device(model, device)
     return stats
 
 
@@ -180,17 +229,18 @@ def correct(model: nn.Module, data=None, *, alpha: float = 30000.0, stats: Optio
             and every rank gets identical weights (the model must be the same on every rank).
         solver: ``"cholesky"`` (default: one Cholesky solve per layer, no eigendecomposition;
             :mod:`sap_fast.solve`) or ``"eigh"`` (the eigendecomposition route). Both give the
-            same weights to round-off (tests/test_solve.py).
+            same weights to round-off (tests/core/test_solve.py).
 
     Returns:
-        The corrected model (``model`` itself when ``inplace=True``).
+        The corrected model (``model`` itself when ``inplace=True``). For the projector itself
+        (its spectra, or several α), build a :class:`Projector`.
     """
-    alpha = check_alpha(alpha)
-    solve.check_solver(solver)
-    check_batch_size(batch_size)
-    stats = _stats_for(model, data, stats, layers, batch_size, device, process_group=process_group)
-    targets = targets_with_stats(model, layers, stats)
-    projector = Projector(model, targets, stats, process_group, solver)
+    alpha = checks.alpha(alpha)
+    solver = checks.solver(solver)
+    opts = checks.run_options(model, device=device, batch_size=batch_size, process_group=process_group)
+    stats = given_or_collected(model, data, stats, layers, opts)
+    projector = Projector._prepared(model, targets_with_stats(model, layers, stats), stats, solver,
+                                    opts.group)
     out = model if inplace else copy.deepcopy(model)
     projector.apply(out, alpha)
     return out

@@ -8,7 +8,7 @@ inflated the scores of the last, smaller batch.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader, SequentialSampler
 
 from . import distributed
-from .data import batches, num_samples, subset
-from .evaluate import check_targets, classifier_logits
-from .forward import check_batch_size, eval_mode, forward_batches, resolve_device
+from ._runtime import checks
+from ._runtime.checks import RunOptions
+from ._runtime.data import batches, num_samples, subset
+from ._runtime.evaluate import check_targets, classifier_logits
+from ._runtime.forward import eval_mode, forward_batches
 
 SCORES = ("loss", "curvature")
 
@@ -29,11 +31,12 @@ def _empty_scores():
     return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long), None
 
 
-def _loss_scores(model, data, batch_size, device, show_progress, allow_empty=False):
+def _loss_scores(model, data, opts: RunOptions, allow_empty=False):
     scores, labels = [], []
-    for _, y, out in forward_batches(model, data, batch_size=batch_size, device=device,
+    for _, y, out in forward_batches(model, data, batch_size=opts.batch_size, device=opts.device,
                                      need_targets=True, what="data", desc="scoring",
-                                     show_progress=show_progress, allow_empty=allow_empty):
+                                     show_progress=opts.show_progress, allow_empty=allow_empty,
+                                     amp=opts.amp):
         logits = classifier_logits(out)
         y = check_targets(y, logits.shape[1], "data")
         scores.append(F.cross_entropy(logits.double(), y, reduction="none").cpu())
@@ -43,8 +46,9 @@ def _loss_scores(model, data, batch_size, device, show_progress, allow_empty=Fal
     return torch.cat(scores), torch.cat(labels), logits.shape[1]
 
 
-def _curvature_scores(model, data, batch_size, device, iters, h, seed, show_progress, allow_empty=False):
+def _curvature_scores(model, data, opts: RunOptions, iters, h, seed, allow_empty=False):
     # forward_batches validates the data and locates failures; gradients need our own loop
+    batch_size, device = opts.batch_size, opts.device
     for _ in forward_batches(model, data, batch_size=batch_size, device=device, need_targets=True,
                              what="data", desc="checking", show_progress=False,
                              allow_empty=allow_empty):
@@ -84,36 +88,35 @@ def _check_loader(data) -> None:
                          "pass one with shuffle=False")
 
 
-def _scores(model, data, score, batch_size, device, curvature_iters, curvature_h, seed, show_progress,
-            allow_empty=False):
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    check_batch_size(batch_size)
-    _check_loader(data)
-    dev = resolve_device(model, device)
-    if score == "loss":
-        return _loss_scores(model, data, batch_size, dev, show_progress, allow_empty)
-    if curvature_iters < 1 or not curvature_h > 0:
-        raise ValueError("curvature_iters must be >= 1 and curvature_h > 0")
-    return _curvature_scores(model, data, batch_size, dev, curvature_iters, curvature_h, seed,
-                             show_progress, allow_empty)
+class _Scoring:
+    """How samples are scored, checked once: ``score``, the curvature score's draws and step."""
+
+    def __init__(self, score, curvature_iters, curvature_h, seed):
+        self.score = checks.choice(score, "score", SCORES)
+        if score == "curvature" and (curvature_iters < 1 or not curvature_h > 0):
+            raise ValueError("curvature_iters must be >= 1 and curvature_h > 0")
+        self.iters, self.h, self.seed = curvature_iters, curvature_h, seed
+
+    def __call__(self, model, data, opts: RunOptions, seed=None, allow_empty=False):
+        """``(scores, labels, classes)`` of ``data``'s samples."""
+        if self.score == "loss":
+            return _loss_scores(model, data, opts, allow_empty)
+        return _curvature_scores(model, data, opts, self.iters, self.h,
+                                 self.seed if seed is None else seed, allow_empty)
 
 
 def sample_scores(model: nn.Module, data, *, score: str = "loss", batch_size: int = 256, device=None,
                   curvature_iters: int = 10, curvature_h: float = 1e-3, seed: int = 0,
-                  show_progress: Optional[bool] = None):
+                  show_progress: Optional[bool] = None, amp=None):
     """``(scores, labels, classes)``: the per-sample scores :func:`select_trusted` and
     :func:`select_suspects` rank (arguments as theirs), for callers that need several
     selections from one scoring pass (e.g. :func:`lowest_per_class` of ``scores`` and of
     ``-scores``)."""
-    return _scores(model, data, score, batch_size, device, curvature_iters, curvature_h, seed,
-                   show_progress)
-
-
-def _check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    return n
+    scoring = _Scoring(score, curvature_iters, curvature_h, seed)
+    _check_loader(data)
+    opts = checks.run_options(model, device=device, batch_size=batch_size, process_group=False,
+                              show_progress=show_progress, amp=amp)
+    return scoring(model, data, opts)
 
 
 def lowest_per_class(scores: torch.Tensor, labels: torch.Tensor, classes: int, n: int,
@@ -121,12 +124,11 @@ def lowest_per_class(scores: torch.Tensor, labels: torch.Tensor, classes: int, n
     """Ascending indices of the ``n`` lowest ``scores``: ``n // classes`` per label when
     ``class_balanced``, the remainder (and the quota of classes with too few samples) going to
     the lowest scores left, so that exactly ``n`` come back. Ties keep data order."""
-    _check_n(n)
+    checks.positive_int(n, "n")
     if scores.dim() != 1 or labels.shape != scores.shape:
         raise ValueError(f"scores and labels must be 1-D and of one length, got shapes {tuple(scores.shape)} "
                          f"and {tuple(labels.shape)}")
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
-        raise ValueError(f"classes must be a positive int, got {classes!r}")
+    checks.positive_int(classes, "classes")
     if n > scores.numel():
         raise ValueError(f"n={n} but data has only {scores.numel()} samples; pass n <= {scores.numel()}")
     order = torch.sort(scores, stable=True).indices
@@ -143,10 +145,8 @@ def lowest_per_class(scores: torch.Tensor, labels: torch.Tensor, classes: int, n
 
 
 def _check_candidates(candidates, n: int) -> Optional[int]:
-    if candidates is None:
+    if checks.positive_int(candidates, "candidates", allow_none=True) is None:
         return None
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-        raise ValueError(f"candidates must be a positive int or None (score every sample), got {candidates!r}")
     if candidates < n:
         raise ValueError(f"candidates={candidates} is less than n={n}; the scored subset must hold the "
                          "n samples to keep: pass candidates >= n, or None to score every sample")
@@ -236,19 +236,32 @@ def _pick(scores, labels, ids, classes: int, n: int, class_balanced: bool) -> to
     return ids[lowest_per_class(scores, labels, classes, n, class_balanced)]
 
 
+class _RankCandidates(NamedTuple):
+    """What one rank sends for the global choice: its candidates and how many it scored."""
+    scores: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    classes: Optional[int]
+    scored: int
+
+
 def _select(model, data, n, highest: bool, *, score, class_balanced, batch_size, device,
-            curvature_iters, curvature_h, seed, show_progress, candidates, indices, process_group):
+            curvature_iters, curvature_h, seed, show_progress, candidates, indices, process_group,
+            amp=None):
     """The n lowest (``highest``: highest) scores, class-balanced; local or over a process group."""
-    _check_n(n)
+    checks.positive_int(n, "n")
     k = _check_candidates(candidates, n)
-    group = distributed.resolve_group(process_group)
+    scoring = _Scoring(score, curvature_iters, curvature_h, seed)
+    _check_loader(data)
+    opts = checks.run_options(model, device=device, batch_size=batch_size, process_group=process_group,
+                              show_progress=show_progress, amp=amp)
     sign = -1.0 if highest else 1.0  # the highest scores are the lowest negated ones
 
     def scored(part, rank_seed, allow_empty):
-        s, labels, classes = _scores(model, part, score, batch_size, device, curvature_iters,
-                                     curvature_h, rank_seed, show_progress, allow_empty)
+        s, labels, classes = scoring(model, part, opts, rank_seed, allow_empty)
         return sign * s, labels, classes
 
+    group = opts.group
     if group is None:
         if k is None and indices is None:  # every sample, indices into data: the plain path
             s, labels, classes = scored(data, seed, False)
@@ -278,32 +291,32 @@ def _select(model, data, n, highest: bool, *, score, class_balanced, batch_size,
         else:
             span = max(m for _, m in infos) + 1
 
-    def score_part():
+    def score_part() -> _RankCandidates:
         ids = state["ids"] if "ids" in state else _global_ids(indices, _count(data))
         pos = _candidate_positions(data, ids, k, span, seed) if k is not None else None
         # curvature draws: a seed per rank (one process would draw other noise anyway)
         s, labels, classes = scored(data if pos is None else subset(data, pos), seed + me, True)
         ids = ids if pos is None else ids[pos]
         keep = _local_candidates(s, labels, ids, classes, n, class_balanced)
-        return s[keep], labels[keep], ids[keep], classes, s.numel()
+        return _RankCandidates(s[keep], labels[keep], ids[keep], classes, s.numel())
 
     parts = distributed.exchange(group, score_part)
-    counts = {p[3] for p in parts if p[3] is not None}
+    counts = {p.classes for p in parts if p.classes is not None}
     if len(counts) > 1:
         raise ValueError(f"ranks see different numbers of classes {sorted(counts)}; run the same "
                          "model on every rank")
-    total = sum(p[4] for p in parts)
+    total = sum(p.scored for p in parts)
     if n > total:
         raise ValueError(f"n={n} but data has only {total} samples over all ranks; pass n <= {total}")
-    return _pick(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                 torch.cat([p[2] for p in parts]), counts.pop(), n, class_balanced)
+    return _pick(torch.cat([p.scores for p in parts]), torch.cat([p.labels for p in parts]),
+                 torch.cat([p.ids for p in parts]), counts.pop(), n, class_balanced)
 
 
 def select_trusted(model: nn.Module, data, n: int = 1000, *, score: str = "loss",
                    class_balanced: bool = True, batch_size: int = 256, device=None,
                    curvature_iters: int = 10, curvature_h: float = 1e-3, seed: int = 0,
                    show_progress: Optional[bool] = None, candidates: Optional[int] = None,
-                   indices=None, process_group=None) -> torch.Tensor:
+                   indices=None, process_group=None, amp=None) -> torch.Tensor:
     """Indices into ``data`` of the ``n`` most trustworthy samples (lowest score).
 
     Args:
@@ -333,6 +346,9 @@ def select_trusted(model: nn.Module, data, n: int = 1000, *, score: str = "loss"
             same global ids, those one process gets on the union of the shards (disjoint shards).
             :func:`sap_fast.distributed.local_positions` gives this rank's part. The curvature
             score draws its noise with ``seed + rank``.
+        amp: ``"bf16"`` or ``"fp16"``: score under ``torch.autocast`` in that dtype (faster on a
+            GPU; the ranking is what matters, and the statistics pass never uses it); None
+            (default) runs the model as it is. The loss score only.
 
     Returns:
         ``torch.LongTensor`` of ``n`` indices (global ids with ``indices=``), ascending.
@@ -340,14 +356,14 @@ def select_trusted(model: nn.Module, data, n: int = 1000, *, score: str = "loss"
     return _select(model, data, n, False, score=score, class_balanced=class_balanced,
                    batch_size=batch_size, device=device, curvature_iters=curvature_iters,
                    curvature_h=curvature_h, seed=seed, show_progress=show_progress,
-                   candidates=candidates, indices=indices, process_group=process_group)
+                   candidates=candidates, indices=indices, process_group=process_group, amp=amp)
 
 
 def select_suspects(model: nn.Module, data, n: int = 1000, *, score: str = "loss",
                     class_balanced: bool = True, batch_size: int = 256, device=None,
                     curvature_iters: int = 10, curvature_h: float = 1e-3, seed: int = 0,
                     show_progress: Optional[bool] = None, candidates: Optional[int] = None,
-                    indices=None, process_group=None) -> torch.Tensor:
+                    indices=None, process_group=None, amp=None) -> torch.Tensor:
     """Indices into ``data`` of the ``n`` samples most likely mislabeled (highest score): the
     forget set that corrective baselines (SSD, SCRUB, GA, ...) need, the counterpart of
     :func:`select_trusted`. Class balance is by the given (noisy) labels, ``n // classes`` per
@@ -359,5 +375,5 @@ def select_suspects(model: nn.Module, data, n: int = 1000, *, score: str = "loss
     return _select(model, data, n, True, score=score, class_balanced=class_balanced,
                    batch_size=batch_size, device=device, curvature_iters=curvature_iters,
                    curvature_h=curvature_h, seed=seed, show_progress=show_progress,
-                   candidates=candidates, indices=indices, process_group=process_group)
+                   candidates=candidates, indices=indices, process_group=process_group, amp=amp)
 

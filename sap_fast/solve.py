@@ -27,16 +27,6 @@ import torch
 
 from .stats import LayerStats
 
-SOLVERS = ("eigh", "cholesky")
-
-
-def check_solver(solver) -> str:
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS} ('eigh': one eigendecomposition shared by "
-                         f"every α; 'cholesky': one factorisation per α, no spectrum), got {solver!r}")
-    return solver
-
-
 @dataclass
 class LayerSolve:
     """What one layer's solve needs at any α, float64.

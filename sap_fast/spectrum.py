@@ -7,11 +7,13 @@ Normalised energies ``s = e / Σe`` and importances ``λ = α s / ((α − 1) s 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from . import backend, distributed
+from . import distributed
+from ._runtime.checks import resolve_group
+from .backends.native import native_cuda
 from .stats import LayerStats, Stats
 
 
@@ -54,7 +56,7 @@ def layer_spectrum(record: LayerStats) -> LayerSpectrum:
         return LayerSpectrum(sigma.square(), vh.transpose(-1, -2))
     gram = record.gram.double()
     gram = (gram + gram.transpose(-1, -2)) / 2  # exact symmetry; eigh reads one triangle anyway
-    if gram.is_cuda and backend.native_cuda():  # cuSOLVER: batched syevj / syevd on streams
+    if gram.is_cuda and native_cuda():  # cuSOLVER: batched syevj / syevd on streams
         eigvals, basis = torch.ops.sap_fast.eigh(gram)
     else:
         eigvals, basis = torch.linalg.eigh(gram)
@@ -82,21 +84,25 @@ def spectra(stats: Stats, names: Optional[Iterable[str]] = None,
     bitwise identical spectra. ``stats`` must be the same on every rank (as
     :func:`sap_fast.collect_stats` returns them in a distributed job); this is checked.
     """
-    group = distributed.resolve_group(process_group)
+    return decompose(stats, list(stats if names is None else names), resolve_group(process_group))
+
+
+def decompose(stats: Stats, names: List[str], group) -> Dict[str, LayerSpectrum]:
+    """:func:`spectra` for a resolved ``group`` (None = this process alone)."""
+    if group is not None:
+        return _spread_spectra(stats, names, group)
     out: Dict[str, LayerSpectrum] = {}
     done = []  # (record, spectrum) already decomposed
-    if group is None:
-        for name in (stats if names is None else names):
-            record = stats[name]
-            for seen, spec in done:
-                if _same_statistics(seen, record):
-                    out[name] = spec
-                    break
-            else:
-                out[name] = layer_spectrum(record)
-                done.append((record, out[name]))
-        return out
-    return _spread_spectra(stats, list(stats if names is None else names), group)
+    for name in names:
+        record = stats[name]
+        for seen, spec in done:
+            if _same_statistics(seen, record):
+                out[name] = spec
+                break
+        else:
+            out[name] = layer_spectrum(record)
+            done.append((record, out[name]))
+    return out
 
 
 def _fingerprint(name: str, record: LayerStats) -> tuple:

@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List, Mapping, Optional
 
 import torch
 
-from .io import atomic_write
+from ._runtime.io import atomic_write
 
 FORMAT = "sap_fast.stats"
 VERSION = 1
@@ -95,9 +95,6 @@ class LayerStats:
         flags = [torch.isfinite(b).all() for b in blocks]
         return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device)
 
-    def is_finite(self) -> bool:
-        return bool(self.finite_flag())
-
     def copy(self) -> "LayerStats":
         """An independent copy (row chunks are never modified in place, so they are shared)."""
         out = LayerStats(self.d, self.groups, self.dtype, self.device)
@@ -179,7 +176,7 @@ class Stats(Mapping[str, LayerStats]):
     __add__ = merge
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (:func:`sap_fast.io.atomic_write`: a temporary file in the same
+        """Write atomically (:func:`sap_fast._runtime.io.atomic_write`: a temporary file in the same
         folder, then a rename; an existing file survives any failure)."""
         payload = {"format": FORMAT, "version": VERSION, "num_samples": self.num_samples,
                    "layers": {n: s.state() for n, s in self._layers.items()}}

@@ -16,10 +16,10 @@ from typing import List, Optional
 from torch import nn
 
 from . import distributed
-from .evaluate import Evaluation, evaluate, evaluation_sums
-from .forward import check_alpha, check_batch_size, progress
-from .project import Projector, _stats_for, targets_with_stats
-from .solve import check_solver
+from ._runtime import checks
+from ._runtime.evaluate import Evaluation, evaluation_sums
+from ._runtime.forward import progress
+from .project import Projector, given_or_collected, targets_with_stats
 from .stats import Stats
 
 DEFAULT_ALPHAS = tuple(10.0 ** (e / 2) for e in range(2, 13))  # 1e1 … 1e6 in half-decades
@@ -40,6 +40,7 @@ class SweepResult:
     model: nn.Module              # the corrected copy at best_alpha
     table: List[SweepRow]
     stats: Stats = field(repr=False)
+    projector: Projector = field(repr=False)  # the sweep's one decomposition: reuse it (spectra, other α)
 
     @property
     def best(self) -> SweepRow:
@@ -67,7 +68,7 @@ def _check_alphas(alphas) -> tuple:
         return DEFAULT_ALPHAS
     if isinstance(alphas, str):
         raise ValueError(f"alphas must be None, 'auto' or a list of numbers > 0, got {alphas!r}")
-    alphas = tuple(check_alpha(float(a) if hasattr(a, "item") else a, "each of alphas") for a in alphas)
+    alphas = tuple(checks.alpha(a, "each of alphas") for a in alphas)
     if not alphas:
         raise ValueError("alphas is empty; pass numbers > 0, None (the default grid) or 'auto'")
     return alphas
@@ -76,7 +77,7 @@ def _check_alphas(alphas) -> tuple:
 def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = None,
           layers=None, batch_size: int = 256, device=None, refine_steps: int = 8,
           show_progress: Optional[bool] = None, process_group=None,
-          solver: str = "eigh") -> SweepResult:
+          solver: str = "eigh", amp=None) -> SweepResult:
     """Pick α on the (noisy) validation split ``val``.
 
     Args:
@@ -96,51 +97,54 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
             layer per α) or ``"cholesky"`` (one Cholesky solve per layer per α, no
             eigendecomposition; :mod:`sap_fast.solve`). Same weights to round-off;
             benchmarks/README.md has which is faster where.
+        amp: ``"bf16"`` or ``"fp16"``: the validation passes run under ``torch.autocast`` in
+            that dtype (faster on a GPU; the statistics are never collected under it); None
+            (default) runs the model as it is.
 
     Returns:
         :class:`SweepResult` with the best α (None = no projection won), the corrected copy at
-        that α, and the table of every candidate's validation accuracy and loss.
+        that α, the table of every candidate's validation accuracy and loss, the statistics, and
+        the :class:`~sap_fast.project.Projector` (its spectra for a report, or any other α,
+        with no second decomposition).
     """
     grid = _check_alphas(alphas)
-    check_batch_size(batch_size)
-    check_solver(solver)
-    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 2:
-        raise ValueError(f"refine_steps must be an int >= 2, got {refine_steps!r}")
-    group = distributed.resolve_group(process_group)
-    stats = _stats_for(model, data, stats, layers, batch_size, device, process_group=process_group)
-    targets = targets_with_stats(model, layers, stats)
-    projector = Projector(model, targets, stats, process_group, solver)
+    solver = checks.solver(solver)
+    checks.positive_int(refine_steps, "refine_steps", minimum=2)
+    opts = checks.run_options(model, device=device, batch_size=batch_size,
+                              process_group=process_group, show_progress=show_progress, amp=amp)
+    stats = given_or_collected(model, data, stats, layers, opts)
+    projector = Projector._prepared(model, targets_with_stats(model, layers, stats), stats, solver,
+                                    opts.group)
     work = copy.deepcopy(model)
     table: List[SweepRow] = []
     scores = {}
 
     def local_sums(alpha):
         projector.apply(work, alpha)
-        return evaluation_sums(work, val, batch_size=batch_size, device=device, what="val",
-                               show_progress=False, allow_empty=True)
+        return evaluation_sums(work, val, opts.batch_size, opts.device, what="val", show_progress=False,
+                               allow_empty=opts.group is not None, amp=opts.amp)
 
     def score(alpha: Optional[float], refined: bool = False):
-        if group is None:
-            projector.apply(work, alpha)
-            e = evaluate(work, val, batch_size=batch_size, device=device, what="val", show_progress=False)
+        if opts.group is None:
+            correct, loss, n = local_sums(alpha)
         else:  # every rank sums the same per-rank counts in rank order: the same key everywhere
-            sums = distributed.exchange(group, lambda: local_sums(alpha))
+            sums = distributed.exchange(opts.group, lambda: local_sums(alpha))
             correct, loss, n = (sum(s[i] for s in sums) for i in range(3))
             if n == 0:
                 raise ValueError("val is empty on every rank; pass at least one sample")
-            e = Evaluation(correct / n, loss / n, n)
+        e = Evaluation(correct / n, loss / n, n)
         table.append(SweepRow(alpha, e.accuracy, e.loss, refined))
         scores[alpha] = _key(e)
         return scores[alpha]
 
     best = None  # the unprojected model is scored first and kept unless strictly beaten
-    for alpha in progress([None, *grid], desc="α sweep", enabled=show_progress):
+    for alpha in progress([None, *grid], desc="α sweep", enabled=opts.show_progress):
         if score(alpha) > scores[best]:
             best = alpha
     if _is_auto(alphas) and best is not None:
         best = _refine(score, scores, best, refine_steps)
     projector.apply(work, best)
-    return SweepResult(best, work, table, stats)
+    return SweepResult(best, work, table, stats, projector)
 
 
 def _refine(score, scores, best: float, steps: int) -> float:

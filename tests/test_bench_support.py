@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import models as bm  # noqa: E402
 from official import official_correct, per_batch_cap  # noqa: E402
 from sap_fast import reference  # noqa: E402
-from sap_fast.layers import select_targets  # noqa: E402
+from sap_fast._runtime.layers import select_targets  # noqa: E402
 from support import Attention, Tokens, assert_unchanged, max_weight_rel_err, snapshot  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

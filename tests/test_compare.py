@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from baseline_support import noisy_blobs
-from sap_fast import baselines, compare
+from sap_fast import baselines
+from sap_fast.experiments import compare
 from sap_fast.sweep import DEFAULT_ALPHAS
-from sap_fast.compare import Corrector, compare_correctors, compare_privacy, search, validation_score
+from sap_fast.experiments.compare import Corrector, compare_correctors, compare_privacy, search, validation_score
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,6 @@
 """End to end on the embedded default: SAP must repair what label noise did (one seed, ~20 s)."""
-from sap_fast.demo import main, run_seed
+from sap_fast.cli import main
+from sap_fast.experiments.demo import run_seed
 
 
 def test_sap_repairs_the_noisy_digits_model():
@@ -14,5 +15,5 @@ def test_sap_repairs_the_noisy_digits_model():
 def test_demo_rejects_bad_arguments(capsys):
     import pytest
     with pytest.raises(SystemExit):
-        main(["--alphas", "sometimes"])
+        main(["demo", "--alphas", "sometimes"])
     assert "invalid choice" in capsys.readouterr().err

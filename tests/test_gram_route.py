@@ -1,11 +1,11 @@
-"""The accumulate stage's one dispatch decision, :func:`sap_fast.backend.gram_route`, on every
+"""The accumulate stage's one dispatch decision, :func:`sap_fast.backends.gram.route`, on every
 combination a user can reach (the GPU routes run on a GPU; this pins which one each case takes)."""
 import itertools
 
 import pytest
 import torch
 
-from sap_fast.backend import gram_route
+from sap_fast.backends.gram import route as gram_route
 
 F64, F32 = torch.float64, torch.float32
 
@@ -56,14 +56,15 @@ def test_other_devices_stream_rows():
 
 
 def test_bad_kernel_choice_is_a_one_line_error(monkeypatch):
-    from sap_fast import backend
+    from sap_fast.backends import gram as gram_backend
     monkeypatch.setenv("SAP_FAST_GRAM_KERNEL", "cutlass")
     with pytest.raises(ValueError, match=r"SAP_FAST_GRAM_KERNEL='cutlass': use one of"):
-        backend.gram_kernel_choice()
+        gram_backend.kernel_choice()
 
 
 # -- the Triton route through collect_stats, on the CPU under Triton's interpreter -------------------
-from sap_fast import backend  # noqa: E402
+from sap_fast.backends import gram as gram_backend  # noqa: E402
+from sap_fast.backends import triton as triton_backends  # noqa: E402
 from support import Attention, Tokens, conv_case, rel_err  # noqa: E402
 
 ROUTED_CASES = ["2d-groups2", "2d-nonsquare-stride-dil", "1d-same-even-dil", "2d-reflect"]
@@ -72,7 +73,7 @@ ROUTED_CASES = ["2d-groups2", "2d-nonsquare-stride-dil", "1d-same-even-dil", "2d
 @pytest.fixture
 def triton_route(monkeypatch):
     """collect_stats as on a GPU whose Grams go to the Triton kernels, run by the interpreter."""
-    gram_triton = pytest.importorskip("sap_fast.kernels.gram_triton")
+    gram_triton = pytest.importorskip("sap_fast.backends.triton.gram")
     if not gram_triton.interpreted():
         pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1 must be set before import)")
     calls = []
@@ -83,8 +84,8 @@ def triton_route(monkeypatch):
         return real(*args, **kwargs)
     monkeypatch.setattr(gram_triton, "conv_gram", counted)
     gram_triton.calls = calls
-    monkeypatch.setattr(backend, "triton_gram", lambda: gram_triton)
-    monkeypatch.setattr(backend, "gram_route", lambda device, dtype, precision, conv, **kw:
+    monkeypatch.setattr(triton_backends, "compiled", lambda name: gram_triton if name == "gram" else None)
+    monkeypatch.setattr(gram_backend, "route", lambda device, dtype, precision, conv, **kw:
                         "triton" if precision == "fp32" or dtype == F32 else None)
     return gram_triton
 
@@ -101,7 +102,7 @@ def test_triton_route_matches_the_portable_path(triton_route, case):
     model, x = model.float(), x.float()
     got = __import__("sap_fast").collect_stats(model, x, batch_size=2)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backend, "gram_route", lambda *a, **k: None)
+        mp.setattr(gram_backend, "route", lambda *a, **k: None)
         want = __import__("sap_fast").collect_stats(model, x, batch_size=2)
     assert triton_route.calls, "the Triton kernel never ran"
     for name in want:
@@ -125,7 +126,7 @@ def test_triton_route_tensor_core_modes_equal_rounded_rows(triton_route, precisi
         got = sap_fast.collect_stats(model, x, dtype=F32, input_precision=precision, batch_size=2)
         assert triton_route.calls, "the Triton kernel never ran"
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(backend, "gram_route", lambda *a, **k: None)
+            mp.setattr(gram_backend, "route", lambda *a, **k: None)
             want = sap_fast.collect_stats(model, x, dtype=F32, input_precision=precision, batch_size=2)
         for name in want:
             assert got[name].count == want[name].count, name

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import sap_fast
-from sap_fast import io, report
+from sap_fast._runtime import io
+from sap_fast.cli import report
 from sap_fast.spectrum import LayerSpectrum, spectra
 
 

@@ -13,13 +13,15 @@ import torch
 from torch import nn
 
 import sap_fast
-from sap_fast import backend, reference
-from sap_fast.accumulate import _native_padding
+from sap_fast import reference
+from sap_fast.backends import native as backend
+from sap_fast.backends.info import backend_info
+from sap_fast.backends.gram import _symmetric_padding as _native_padding
 from support import CONV_CASES, conv_case, rel_err
 
 if backend.native() is None:  # CI builds the extension; there a missing one is a failure
     if os.environ.get("SAP_FAST_REQUIRE_NATIVE") == "1":
-        raise RuntimeError(backend.backend_info()["native"]["reason"])
+        raise RuntimeError(backend_info()["native"]["reason"])
     pytest.skip("sap_fast._C is not built (pip install --no-build-isolation -e .)",
                 allow_module_level=True)
 
@@ -176,14 +178,14 @@ def test_missing_extension_falls_back_and_says_why_once(monkeypatch, caplog):
     expected = sap_fast.collect_stats(model, x)["0"].gram
     monkeypatch.setitem(sys.modules, "sap_fast._C", None)  # `from . import _C` now fails
     monkeypatch.delattr(sap_fast, "_C")
-    backend._load_native.cache_clear()
+    backend.load.cache_clear()
     try:
         with caplog.at_level("DEBUG", logger="sap_fast"):
             got = sap_fast.collect_stats(model, x)["0"].gram
             sap_fast.collect_stats(model, x)
-        info = backend.backend_info()
+        info = backend_info()
     finally:
-        backend._load_native.cache_clear()
+        backend.load.cache_clear()
     assert rel_err(got, expected) <= 1e-13
     reasons = [r.getMessage() for r in caplog.records if "sap_fast._C is unavailable" in r.getMessage()]
     assert len(reasons) == 1 and "pip install --no-build-isolation" in reasons[0]
@@ -192,7 +194,7 @@ def test_missing_extension_falls_back_and_says_why_once(monkeypatch, caplog):
 
 
 def test_backend_info_reports_the_build_and_each_stage(monkeypatch):
-    info = backend.backend_info()
+    info = backend_info()
     assert info["native"]["loaded"] is True and info["native"]["cuda"] == backend.native_cuda()
     assert info["native"]["torch"] == torch.__version__.split("+")[0]
     assert set(info["stages"]) == {"accumulate", "spectrum", "project"}

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from sap_fast.digits import (
+from sap_fast.experiments.digits import (
     NUM_CLASSES,
     SmallCNN,
     accuracy,
     load_digits_splits,
     train,
 )
-from sap_fast.noise import symmetric_noise
+from sap_fast.experiments.noise import symmetric_noise
 
 
 def _labels(n=1000, k=10, seed=0):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sap_fast.evaluate import noise_metrics, trusted_set_quality
-from sap_fast.noise import (
+from sap_fast.experiments.metrics import noise_metrics, trusted_set_quality
+from sap_fast.experiments.noise import (
     CIFAR10_ASYMMETRIC_MAP,
     CIFAR10_CLASS_NAMES,
     CIFAR100_COARSE_NAMES,

@@ -306,7 +306,7 @@ def test_wide_layer_update_builds_no_d_by_d_matrix():
 
 
 def test_input_rounding_emulates_tf32_and_bf16():
-    from sap_fast.accumulate import _round_inputs
+    from sap_fast.backends.precision import round_inputs as _round_inputs
     g = torch.Generator().manual_seed(20)
     x = torch.randn(4096, generator=g) * torch.logspace(-3, 3, 4096)
     tf32 = _round_inputs(x, "tf32")

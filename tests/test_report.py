@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import sap_fast
-from sap_fast import io as sio
-from sap_fast.report import layer_summary, plot_report, report_data, write_report
+from sap_fast._runtime import io as sio
+from sap_fast.cli.report import layer_summary, plot_report, report_data, write_report
 from sap_fast.spectrum import LayerSpectrum, spectra
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import sap_fast
-from sap_fast import backend
-from sap_fast.shift import pays, shift_gram
+from sap_fast.backends import gram as gram_backend
+from sap_fast.backends.shift import pays, shift_gram
 from support import rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,21 +62,20 @@ def test_shift_route_through_collect_stats(monkeypatch):
     without CUDA or Triton kernels): the stride-1 3×3 layers where it pays take the torch shift
     form, the others (reflect-padded too) fall back, and the Grams equal the portable path's."""
     calls = []
-    import sap_fast.shift as shift_module
+    import sap_fast.backends.shift as shift_module
     real = shift_module.shift_gram
     monkeypatch.setattr(shift_module, "shift_gram", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
                           nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 2, 3)).double()
     x = torch.randn(3, 3, 20, 20, dtype=torch.float64)
-    from sap_fast import accumulate
-    real_route = backend.gram_route
-    monkeypatch.setattr(accumulate, "_kernel_choice", lambda x: "shift")
-    monkeypatch.setattr(backend, "gram_route", lambda device, *a, **k: real_route(
+    real_route = gram_backend.route
+    monkeypatch.setattr(gram_backend, "_choice_for", lambda x: "shift")
+    monkeypatch.setattr(gram_backend, "route", lambda device, *a, **k: real_route(
         "cuda", *a, **{**k, "native_cuda": False, "triton_ok": False}))
     got = sap_fast.collect_stats(model, x, batch_size=2)
     assert calls, "the shift form never ran"
-    monkeypatch.setattr(backend, "gram_route", lambda *a, **k: None)
+    monkeypatch.setattr(gram_backend, "route", lambda *a, **k: None)
     want = sap_fast.collect_stats(model, x, batch_size=2)
     for name in want:
         assert rel_err(got[name].gram, want[name].gram) <= 1e-12, name

@@ -9,7 +9,7 @@ import torch
 
 import sap_fast
 from sap_fast import solve
-from sap_fast.project import Projector, projected_weight, targets_with_stats
+from sap_fast.project import Projector, projected_weight
 from sap_fast.spectrum import layer_spectrum
 from sap_fast.stats import LayerStats
 from support import conv_case, max_weight_rel_err, rel_err
@@ -128,9 +128,9 @@ def test_cholesky_projector_shares_one_normalised_gram_for_q_k_v():
     model = Attention().double()
     x = torch.randn(5, 4, 5, dtype=torch.float64)
     stats = sap_fast.collect_stats(model, x)
-    projector = Projector(model, targets_with_stats(model, None, stats), stats, solver="cholesky")
-    new = projector.new_weights(1e3)
-    assert projector.spectra is None
+    projector = Projector(model, stats, solver="cholesky")
+    new = projector.weights(1e3)
+    assert not projector.has_spectra  # no eigendecomposition on the solve route
     assert len(projector._normalised) == len({id(stats[n]) for n in new})
     assert projector._solves["attn.q"].normalised is projector._solves["attn.k"].normalised
 

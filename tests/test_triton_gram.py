@@ -34,20 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_KERNELS_PREIMPORTED = "sap_fast.kernels.gram_triton" in sys.modules
+_KERNELS_PREIMPORTED = "sap_fast.backends.triton.gram" in sys.modules
 if not torch.cuda.is_available():
     # must precede the kernel module's import: @triton.jit reads it at decoration time
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from sap_fast import backend  # noqa: E402
-from sap_fast.accumulate import _round_inputs, conv_row_chunks  # noqa: E402
-from sap_fast.kernels import gram_triton as gt  # noqa: E402
+from sap_fast.accumulate import conv_row_chunks  # noqa: E402
+from sap_fast.backends.native import native  # noqa: E402
+from sap_fast.backends.precision import round_inputs as _round_inputs  # noqa: E402
+from sap_fast.backends.triton import gram as gt  # noqa: E402
 
 DEVICES = (["cpu"] if gt.interpreted() else []) + (["cuda"] if torch.cuda.is_available() else [])
 if not DEVICES:
-    why = ("sap_fast.kernels.gram_triton was imported before TRITON_INTERPRET=1 was set (set it in "
+    why = ("sap_fast.backends.triton.gram was imported before TRITON_INTERPRET=1 was set (set it in "
            "conftest.py or the environment)" if _KERNELS_PREIMPORTED else "TRITON_INTERPRET is not 1")
     pytest.skip(f"no CUDA and no Triton interpreter: {why}", allow_module_level=True)
 
@@ -329,7 +330,7 @@ def test_matches_pipeline_rows(conv, device):
     assert scaled_err(got, want) < TOL["fp64"]
 
 
-@pytest.mark.skipif(backend.native() is None, reason="sap_fast._C is not built")
+@pytest.mark.skipif(native() is None, reason="sap_fast._C is not built")
 @pytest.mark.parametrize("case", ["2d-k3-s2-p1-split3", "2d-depthwise", "1d-s2-p1-dil2", "3d-mixed"])
 def test_matches_native_op(case):
     """Same contract as torch.ops.sap_fast.conv_gram (its CPU kernel), float64 and float32."""

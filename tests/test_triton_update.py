@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-_KERNELS_PREIMPORTED = "sap_fast.kernels.project_triton" in sys.modules
+_KERNELS_PREIMPORTED = "sap_fast.backends.triton.update" in sys.modules
 if not torch.cuda.is_available():
     # must precede the kernel module's import: @triton.jit reads it at decoration time (setting
     # it in conftest.py is safer once other modules import the kernels)
@@ -25,13 +25,13 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from sap_fast.kernels import project_triton as pt  # noqa: E402
+from sap_fast.backends.triton import update as pt  # noqa: E402
 from sap_fast.project import projected_weight  # noqa: E402
 from sap_fast.spectrum import LayerSpectrum  # noqa: E402
 
 DEVICES = (["cpu"] if pt.interpreted() else []) + (["cuda"] if torch.cuda.is_available() else [])
 if not DEVICES:
-    why = ("sap_fast.kernels was imported before TRITON_INTERPRET=1 was set (set it in conftest.py "
+    why = ("sap_fast.backends.triton.update was imported before TRITON_INTERPRET=1 was set (set it in conftest.py "
            "or the environment)" if _KERNELS_PREIMPORTED else "TRITON_INTERPRET is not 1")
     pytest.skip(f"no CUDA and no Triton interpreter: {why}", allow_module_level=True)
 

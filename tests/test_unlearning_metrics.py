@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from sap_fast.unlearning_metrics import avg_gap, loss_threshold, mia_efficacy, unlearning_metrics
+from sap_fast.experiments.metrics import avg_gap, loss_threshold, mia_efficacy, unlearning_metrics
 
 
 class Table(nn.Module):

@@ -17,49 +17,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..data import _is_pair, _split_item, num_samples
-from ..evaluate import check_targets, classifier_logits
-from ..forward import model_device
+from .._runtime import checks
+from .._runtime.checks import model_device
+from .._runtime.data import is_pair, num_samples, split_item
+from .._runtime.evaluate import check_targets, classifier_logits
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
 # ---- hyperparameter checks (one line: which method, which argument, what is allowed) ----------
 
-def check_number(method: str, name: str, value, *, low: Optional[float] = None,
-                 high: Optional[float] = None, low_open: bool = True, high_open: bool = False,
-                 integer: bool = False) -> float:
-    """``value`` if it is a finite number in the stated range, else a one-line ValueError/TypeError."""
-    kind = "an int" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (integer and not isinstance(value, int)):
-        raise TypeError(f"{method}: {name} must be {kind}, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{method}: {name} must be finite, got {value}")
-    lo_ok = low is None or (value > low if low_open else value >= low)
-    hi_ok = high is None or (value < high if high_open else value <= high)
-    if not (lo_ok and hi_ok):
-        lo = "" if low is None else f"{'(' if low_open else '['}{low}"
-        hi = "" if high is None else f"{high}{')' if high_open else ']'}"
-        where = (f"in {lo}, {hi}" if low is not None and high is not None
-                 else f"{'>' if low_open else '>='} {low}" if low is not None
-                 else f"{'<' if high_open else '<='} {high}")
-        raise ValueError(f"{method}: {name} must be {where}, got {value}")
-    return value
+def check_number(method: str, name: str, value, **bounds) -> float:
+    """``value`` if it is a finite number in the stated range (:func:`checks.number`)."""
+    return checks.number(value, name, where=method, **bounds)
 
 
 def check_positive_int(method: str, name: str, value) -> int:
-    return int(check_number(method, name, value, low=1, low_open=False, integer=True))
+    return int(checks.number(value, name, low=1, low_open=False, integer=True, where=method))
 
 
 def check_seed(method: str, seed) -> int:
-    return int(check_number(method, "seed", seed, low=0, low_open=False, integer=True))
+    return int(checks.number(seed, "seed", low=0, low_open=False, integer=True, where=method))
 
 
 def check_choice(method: str, name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{method}: {name} must be one of {tuple(choices)}, got {value!r}")
-    return value
+    return checks.choice(value, name, choices, where=method)
 
 
 def check_sgd(method: str, *, epochs, lr, momentum, weight_decay, batch_size, seed,
@@ -151,7 +133,7 @@ class LabelledBatches:
         if data is None:
             raise ValueError(f"{method}: {what} is None; pass labelled data (an (inputs, targets) "
                              "pair, a Dataset or a DataLoader)")
-        if not (_is_pair(data) or isinstance(data, (Dataset, DataLoader))) or \
+        if not (is_pair(data) or isinstance(data, (Dataset, DataLoader))) or \
                 isinstance(data, IterableDataset):
             raise TypeError(f"{method}: {what} is a {type(data).__name__}; pass an (inputs, targets) "
                             "pair of tensors, a map-style Dataset or a DataLoader")
@@ -168,16 +150,16 @@ class LabelledBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         data = self.data
-        if _is_pair(data):
+        if is_pair(data):
             inputs, targets = data
             order = torch.randperm(self.n, generator=self.gen) if self.shuffle else torch.arange(self.n)
             items = ((inputs[b], targets[b]) for b in order.split(self.batch_size))
         elif isinstance(data, DataLoader):
-            items = (_split_item(b, self.what) for b in data)
+            items = (split_item(b, self.what) for b in data)
         else:
             loader = DataLoader(data, batch_size=self.batch_size, shuffle=self.shuffle,
                                 generator=self.gen if self.shuffle else None)
-            items = (_split_item(b, self.what) for b in loader)
+            items = (split_item(b, self.what) for b in loader)
         for x, y in items:
             if y is None:
                 raise ValueError(f"{self.method}: {self.what} has no targets; pass (inputs, targets)")

@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..evaluate import evaluate
-from ..forward import model_device, progress
+from .._runtime.checks import model_device
+from .._runtime.evaluate import evaluate
+from .._runtime.forward import progress
 from ._common import LabelledBatches, check_sgd, checked_ce, logits, seeded, sgd, step, working_copy
 
 NAME = "finetune"

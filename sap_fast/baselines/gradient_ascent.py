@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..forward import model_device, progress
+from .._runtime.checks import model_device
+from .._runtime.forward import progress
 from ._common import (LabelledBatches, check_sgd, checked_ce, logits, seeded,
                       sgd, step, working_copy)
 

@@ -59,9 +59,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
-from ..data import _is_pair, _split_item
-from ..evaluate import classifier_logits
-from ..forward import eval_mode, model_device, progress
+from .._runtime.checks import model_device
+from .._runtime.data import is_pair, split_item
+from .._runtime.evaluate import classifier_logits
+from .._runtime.forward import eval_mode, progress
 from ._common import (LabelledBatches, check_choice, check_number, check_positive_int,
                       check_seed, checked_ce, seeded, step, working_copy)
 
@@ -86,10 +87,10 @@ class _Samples:
         self.data, self.n, self.what, self.device = data, self.batches.n, what, device
 
     def get(self, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if _is_pair(self.data):
+        if is_pair(self.data):
             x, y = self.data[0][idx], self.data[1][idx]
         else:
-            x, y = _split_item(default_collate([self.data[int(i)] for i in idx]), self.what)
+            x, y = split_item(default_collate([self.data[int(i)] for i in idx]), self.what)
         return x.to(self.device), y.to(self.device)
 
 

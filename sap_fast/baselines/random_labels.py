@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..evaluate import check_targets
-from ..forward import model_device, progress
+from .._runtime.checks import model_device
+from .._runtime.evaluate import check_targets
+from .._runtime.forward import progress
 from ._common import (LabelledBatches, check_sgd, checked_ce, logits, num_classes,
                       seeded, sgd, step, working_copy)
 

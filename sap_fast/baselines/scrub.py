@@ -38,8 +38,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..evaluate import check_targets
-from ..forward import model_device, progress
+from .._runtime.checks import model_device
+from .._runtime.evaluate import check_targets
+from .._runtime.forward import progress
 from ._common import (LabelledBatches, check_choice, check_number, check_positive_int, check_seed,
                       checked_ce, distill_kl, logits, seeded, sgd, step, working_copy)
 

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..evaluate import check_targets
-from ..forward import model_device, progress
+from .._runtime.checks import model_device
+from .._runtime.evaluate import check_targets
+from .._runtime.forward import progress
 from ._common import (LabelledBatches, check_number, check_sgd, checked_ce,
                       cycled, logits, seeded, sgd, step, working_copy)
 

@@ -34,7 +34,8 @@ Precision modes (``precision``):
 - ``"fp32"``: fp32 operands, ``tl.dot(..., input_precision="ieee")`` (FMA units, no tensor
   cores), fp32 accumulation, float32 output (fp64 inputs are rounded to fp32 first).
 - ``"tf32"``: operands rounded to TF32 (10 explicit mantissa bits) by round-to-nearest-even in
-  the kernel (the bit trick of ``accumulate._round_inputs``), then ``input_precision="tf32"``
+  the kernel (the bit trick of :func:`sap_fast.backends.precision.round_inputs`), then
+  ``input_precision="tf32"``
   (tensor cores on the GPU), fp32 accumulation, float32 output. Rounding explicitly makes the
   result independent of how the hardware treats the low 13 bits of a TF32 operand.
 - ``"bf16"``: operands rounded to bfloat16 by round-to-nearest-even (bit trick), then a bf16
@@ -62,6 +63,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from ..precision import round_inputs
 
 PRECISIONS = ("fp64", "fp32", "tf32", "bf16")
 _MODE = {name: i for i, name in enumerate(PRECISIONS)}
@@ -488,21 +491,6 @@ def linear_gram(rows: torch.Tensor, precision: str = "fp64", **launch) -> torch.
 # ---------------------------------------------------------------------------------------------
 # Plain-torch twin
 # ---------------------------------------------------------------------------------------------
-
-def round_inputs(t: torch.Tensor, precision: str) -> torch.Tensor:
-    """The operands of a precision mode as float32 (fp64 mode: float64): tf32 and bf16 round the
-    float32 value to nearest even (tf32 by the bit trick of ``accumulate._round_inputs``)."""
-    if precision == "fp64":
-        return t.to(torch.float64)
-    t = t.to(torch.float32)
-    if precision == "bf16":
-        return t.to(torch.bfloat16).to(torch.float32)
-    if precision == "tf32":  # round-to-nearest-even on the 13 dropped mantissa bits
-        bits = t.contiguous().view(torch.int32)
-        bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
-        return bits.view(torch.float32)
-    return t
-
 
 def conv_gram_reference(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int = 1,
                         precision: str = "fp64") -> torch.Tensor:

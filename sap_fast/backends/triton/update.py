@@ -30,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..forward import check_alpha
-from ..spectrum import importance
+from ..._runtime.checks import alpha as check_alpha
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -238,7 +237,7 @@ def scaled_update_reference(weight: torch.Tensor, wu: torch.Tensor, basis: torch
                             ) -> torch.Tensor:
     """Plain-torch twin of :func:`scaled_update`: same arguments, checks and formula.
 
-    Mirrors ``sap_fast.project.projected_weight`` except that the full form computes
+    Mirrors the portable update (``sap_fast.project.projected_weight``) except that the full form computes
     ``1 − λ = (1 − s) / ((α − 1) s + 1)`` rather than ``1.0 − λ``, and ``s`` divides by ``Σe``
     itself rather than ``max(Σe, tiny)`` (they differ only for a subnormal ``Σe``).
     """
@@ -250,6 +249,6 @@ def scaled_update_reference(weight: torch.Tensor, wu: torch.Tensor, basis: torch
     if full:
         coef = (1.0 - s) / ((alpha - 1.0) * s + 1.0)
     else:
-        coef = importance(s, alpha)
+        coef = alpha * s / ((alpha - 1.0) * s + 1.0)  # λ
     update = (wu * coef.unsqueeze(-2)) @ basis.transpose(-1, -2)
     return weight - update if full else update

@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._runtime.forward import progress
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -180,7 +182,6 @@ def _image_folder(path, image_size, channels, mean, std, classes):
         raise LoadError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
     convert = _image_transform(image_size, channels, mean, std)
     images = []
-    from .forward import progress
     for file, _ in progress(files, desc="images", unit="img"):
         images.append(convert(file))
     shapes = {tuple(t.shape) for t in images}

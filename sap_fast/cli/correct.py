@@ -1,55 +1,34 @@
-"""The ``sap-fast`` command (also ``python -m sap_fast``).
+"""``sap-fast correct``: correct your own model from the command line.
 
-    sap-fast demo      the embedded digits demo (noisy labels → SAP), with report.png/report.json
-    sap-fast correct   correct your own model from a folder of images or a .pt file
-    sap-fast compare   SAP beside Finetune, SSD, SCRUB, GA, RL, UGradSL(+), ManiF-SMC on the digits
-    sap-fast bench     the benchmark suite that fits this machine
-
-Errors in what was asked (bad paths, unreadable checkpoints, class counts that do not match, a
-model the data do not fit, bad options) print one line and exit with status 2; anything else
-exits with 1 (``--traceback`` shows it in full); Ctrl-C exits with 130.
+Select the trusted samples, collect the statistics, choose α on a validation split (or take
+``--alpha``), and write the corrected weights, ``report.json`` and ``report.png``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
-import subprocess
-import sys
 import time
-from typing import List, Optional
+from typing import List
 
 import torch
 
-from . import compare as compare_cmd
-from . import demo as demo_cmd
-from .forward import set_progress
-from .load import LoadError
+import sap_fast
 
-USAGE_ERRORS = (LoadError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
-                IsADirectoryError, PermissionError)
+from .._runtime import io
+from .._runtime.evaluate import classifier_logits
+from ..stats import Stats
+from . import report
+from .load import LoadError, load_data, load_model
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sap-fast", description=__doc__.split("\n\n")[0])
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
-    common.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,correct,compare,bench}")
-
-    demo = commands.add_parser("demo", parents=[common], help="digits with label noise, repaired by SAP",
-                               description=demo_cmd.__doc__.split("\n\n")[0])
-    demo_cmd.add_arguments(demo)
-    demo.set_defaults(run=demo_cmd.run)
-
-    fix = commands.add_parser("correct", parents=[common], help="correct your own model",
-                              description="Select trusted samples, collect statistics, choose α on a "
-                                          "validation split (or use --alpha), write the corrected weights.")
-    what = fix.add_argument_group("model")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_argument_group("model")
     what.add_argument("--model", required=True,
                       help="module:factory (called with no arguments), a TorchScript file, or a torch.save'd "
                            "module (a pickle: only files you trust)")
     what.add_argument("--weights", help="state dict to load first: .pt/.pth or .safetensors")
-    data = fix.add_argument_group("data")
+    data = parser.add_argument_group("data")
     data.add_argument("--data", help="training data (noisy labels): a folder of images in class "
                                      "sub-folders, or a .pt file with (inputs, targets)")
     data.add_argument("--val", help="validation data (same forms); default: --val-fraction of --data")
@@ -59,17 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--channels", type=int, default=3, choices=[1, 3], help="image channels (default 3)")
     data.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel")
     data.add_argument("--std", type=float, nargs="+", help="normalisation std per channel")
-    sap = fix.add_argument_group("SAP")
+    sap = parser.add_argument_group("SAP")
     sap.add_argument("--trusted", type=int, default=1000, help="trusted samples (default 1000)")
     sap.add_argument("--alpha", type=float, help="a fixed α (no sweep)")
     sap.add_argument("--alphas", default="grid", help="grid (1e1..1e6), auto, or a comma list like 10,100,1e3")
     sap.add_argument("--solver", choices=("eigh", "cholesky"),
                      help="eigh: one eigendecomposition shared by every α (the sweep's default); "
                           "cholesky: one Cholesky solve per α (the fixed --alpha default)")
+    sap.add_argument("--spectra", action="store_true",
+                     help="plot the layer spectra in report.png even with the Cholesky solver, which "
+                          "does not need them (one eigendecomposition per layer)")
     sap.add_argument("--stats-in", help="statistics saved by --stats-out: skips selection and the forward "
                                         "pass over the training data")
     sap.add_argument("--stats-out", help="save the statistics here for later sweeps")
-    run = fix.add_argument_group("run")
+    run = parser.add_argument_group("run")
     run.add_argument("--out", default=os.path.join("sap_fast_out", "correct"),
                      help="folder for the corrected weights and the report (created)")
     run.add_argument("--format", choices=["safetensors", "pt"], default=None,
@@ -77,39 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=256)
     run.add_argument("--device", default="cpu")
     run.add_argument("--seed", type=int, default=0, help="seed of the validation split")
-    fix.set_defaults(run=run_correct)
 
-    cmp = commands.add_parser("compare", parents=[common], help="SAP beside the other correctors (digits)",
-                              description=compare_cmd.__doc__.split("\n\n")[0])
-    compare_cmd.add_arguments(cmp)
-    cmp.set_defaults(run=compare_cmd.run)
-
-    bench = commands.add_parser("bench", parents=[common], help="benchmarks that fit this machine")
-    bench.add_argument("--quick", action="store_true", help="fewer cases")
-    bench.add_argument("--tiny", action="store_true", help="smoke run on tiny shapes (seconds)")
-    bench.add_argument("--out-dir", help="write the JSON results here instead of benchmarks/results")
-    bench.set_defaults(run=run_bench)
-    return parser
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.quiet:
-        set_progress(False)
-    try:
-        return int(args.run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"sap-fast {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # one line, unless asked for the whole story
-        if args.traceback:
-            raise
-        text = str(err).strip().splitlines()
-        print(f"sap-fast {args.command}: error: {text[0] if text else type(err).__name__}", file=sys.stderr)
-        return 2 if isinstance(err, USAGE_ERRORS) else 1
-
-
-# ---- correct ---------------------------------------------------------------------------------
 
 def _alphas(text: str):
     if text in ("grid", "auto"):
@@ -123,7 +73,6 @@ def _alphas(text: str):
 def _check_classes(model, x: torch.Tensor, y: torch.Tensor, classes: List[str], strict: bool, device) -> None:
     """The model must take these inputs and have one output per class (class folders: exactly;
     tensor files, whose class count is only known from the labels: at least)."""
-    from .evaluate import classifier_logits
     try:
         with torch.no_grad():
             logits = classifier_logits(model.eval()(x[:2].to(device)), "the model's output")
@@ -153,13 +102,7 @@ def _split(x, y, fraction: float, seed: int):
     return (x[keep], y[keep]), (x[val], y[val])
 
 
-def run_correct(args: argparse.Namespace) -> int:
-    import sap_fast
-    from . import io, report
-    from .load import load_data, load_model
-    from .spectrum import spectra
-    from .stats import Stats
-
+def run(args: argparse.Namespace) -> int:
     times = {}
     if args.data is None and (args.stats_in is None or args.val is None):
         raise ValueError("--data is needed (it may be left out only with both --stats-in and --val)")
@@ -204,15 +147,15 @@ def run_correct(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     before = sap_fast.evaluate(model, val, batch_size=args.batch_size, device=args.device)
-    solver = {} if args.solver is None else {"solver": args.solver}  # else correct's / sweep's default
-    if args.alpha is not None:
-        fixed = sap_fast.correct(model, stats=stats, alpha=args.alpha, batch_size=args.batch_size,
-                                 device=args.device, **solver)
+    if args.alpha is not None:  # one projector: its decomposition also serves the report
+        projector = sap_fast.Projector(model, stats, solver=args.solver or "cholesky")
+        fixed = copy.deepcopy(model)
+        projector.apply(fixed, args.alpha)
         result, alpha = None, args.alpha
     else:
         result = sap_fast.sweep(model, None, val, stats=stats, alphas=_alphas(args.alphas),
-                                batch_size=args.batch_size, device=args.device, **solver)
-        fixed, alpha = result.model, result.best_alpha
+                                batch_size=args.batch_size, device=args.device, solver=args.solver or "eigh")
+        fixed, alpha, projector = result.model, result.best_alpha, result.projector
     after = sap_fast.evaluate(fixed, val, batch_size=args.batch_size, device=args.device)
     times["alpha"] = time.perf_counter() - t
 
@@ -233,8 +176,14 @@ def run_correct(args: argparse.Namespace) -> int:
                "alpha": alpha, "val_before": before.accuracy, "val_after": after.accuracy,
                "test_before": tests.get("before"), "test_after": tests.get("after"),
                "weights_out": weights_path, "seconds": times}
-    paths = report.write_report(args.out, sweep=result, spectra=spectra(stats), alpha=alpha, extra=summary,
+    # the spectra come free with the eigh route; the solve route computes them only when asked
+    spectra = projector.spectra if (projector.has_spectra or args.spectra) else None
+    paths = report.write_report(args.out, sweep=result, spectra=spectra, alpha=alpha, extra=summary,
                                 title=f"sap-fast correct: {args.model}")
+    if paths["png"] is None:
+        print("note: no report.png: a fixed --alpha with the Cholesky solver has no sweep and no spectra "
+              "to plot (--spectra adds the layer spectra, one eigendecomposition per layer)")
+    paths = {k: v for k, v in paths.items() if v is not None}
     chosen = "no projection (no α beat the original on validation)" if alpha is None else f"α = {alpha:.3g}"
     print(f"{trusted_note}; {chosen}")
     print(f"validation accuracy {100 * before.accuracy:.2f}% → {100 * after.accuracy:.2f}%"
@@ -243,31 +192,3 @@ def run_correct(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- bench -----------------------------------------------------------------------------------
-
-def run_bench(args: argparse.Namespace) -> int:
-    from . import backend
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    folder = os.path.join(root, "benchmarks")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"no benchmarks/ next to the package ({root}); the benchmarks ship with "
-                                "the source checkout")
-    if torch.cuda.is_available():
-        print("a GPU is visible: the GPU benchmarks come with issues 4 and 5; running the CPU suite")
-    scripts = []
-    native = ["bench_native_cpu.py"] + (["--tiny"] if args.tiny else ["--quick"] if args.quick else [])
-    if backend.native() is not None:
-        scripts.append((native, "cpu-native.json"))
-    else:
-        print("note: sap_fast._C is not built; skipping the native kernel benchmark")
-    if not args.tiny:
-        scripts.append((["bench_cpu.py"] + (["--quick"] if args.quick else []), "cpu-vs-reference.json"))
-    for command, result in scripts:
-        if args.out_dir:
-            os.makedirs(args.out_dir, exist_ok=True)
-            command = command + ["--out", os.path.join(args.out_dir, result)]
-        print(f"$ python benchmarks/{' '.join(command)}", flush=True)
-        code = subprocess.call([sys.executable, os.path.join(folder, command[0]), *command[1:]])
-        if code != 0:
-            raise RuntimeError(f"benchmarks/{command[0]} failed with status {code}")
-    return 0

@@ -6,7 +6,6 @@ Every stage that runs the model (scoring, statistics, evaluation) goes through
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from typing import Iterator, List, Optional, Tuple
 
@@ -19,37 +18,6 @@ try:
     from tqdm.auto import tqdm
 except ImportError:  # tqdm is a dependency, but a missing progress bar must not break the pipeline
     tqdm = None
-
-
-def model_device(model: nn.Module) -> torch.device:
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return torch.device("cpu") if tensor is None else tensor.device
-
-
-def resolve_device(model: nn.Module, device=None) -> torch.device:
-    """The model's own device; ``device`` may only confirm it (the caller's model is never moved)."""
-    have = model_device(model)
-    if device is None:
-        return have
-    want = torch.device(device)
-    if want.type != have.type or (want.index is not None and want.index != have.index):
-        raise ValueError(f"device={str(want)!r} but the model is on {have}; move the model "
-                         f"first (model.to({str(want)!r})) or pass device=None")
-    return have
-
-
-def check_alpha(alpha, name: str = "alpha") -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"{name} must be a positive number, got {type(alpha).__name__}")
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"{name} must be finite and > 0 (the paper uses 1e4 to 1e6), got {alpha}")
-    return float(alpha)
-
-
-def check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
 
 
 def _float_model(model: nn.Module) -> bool:
@@ -116,17 +84,25 @@ def progress(iterable, *, desc: str, total: Optional[int] = None, enabled: Optio
                 leave=False, unit=unit)
 
 
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def forward_batches(model: nn.Module, data, *, batch_size: int, device: torch.device,
                     need_targets: bool = False, what: str = "data", desc: str = "forward",
                     show_progress: Optional[bool] = None, allow_empty: bool = False,
+                    amp: Optional[torch.dtype] = None,
                     ) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]:
-    """Yield ``(inputs, targets, outputs)`` per batch, with the model in eval mode and no grad.
+    """Yield ``(inputs, targets, outputs)`` per batch, with the model in eval mode and no grad;
+    ``amp``: run the forward under ``torch.autocast`` in that dtype (only for passes that rank
+    or evaluate; the statistics pass never sets it).
 
     Raises one-line errors for empty data (unless ``allow_empty``: a rank's empty shard),
     missing targets, integer inputs to a float model, and for inputs the model rejects (naming
     the innermost layer that raised).
     """
-    check_batch_size(batch_size)
     n = num_samples(data)
     total = None if n is None else max(1, math.ceil(n / batch_size))
     seen = 0
@@ -148,7 +124,8 @@ def forward_batches(model: nn.Module, data, *, batch_size: int, device: torch.de
             y = None if y is None else y.to(device, non_blocking=True)
             stack.clear()
             try:
-                out = model(x)
+                with _autocast(device, amp):
+                    out = model(x)
             except Exception as exc:  # re-raise with the layer that rejected the input
                 where = f"layer '{stack[-1]}'" if stack else "the model"
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

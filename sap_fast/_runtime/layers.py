@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .checks import plain_model
+
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 COVERED = "nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention"
 
@@ -88,10 +90,7 @@ def all_targets(model: nn.Module) -> List[Target]:
 
 def select_targets(model: nn.Module, layers=None) -> List[Target]:
     """Resolve ``layers=`` (None, names, module types, or a ``predicate(name, module)``)."""
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        raise TypeError("model is wrapped in DataParallel/DistributedDataParallel; pass model.module")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    plain_model(model)
     targets = all_targets(model)
     if not targets:
         raise ValueError(f"the model has no layer SAP covers ({COVERED})")
@@ -128,3 +127,19 @@ def _names_for(spec: str, targets: List[Target], modules: Dict[str, nn.Module]) 
         raise ValueError(f"layers: {spec!r} is a {type(modules[spec]).__name__}, which SAP does "
                          f"not cover ({COVERED})")
     return inside
+
+
+def input_fits(module: nn.Module, x) -> bool:
+    """Whether a covered layer's input (an MHA call's bound arguments) has the width the layer
+    reads. A hook that sees one that does not leaves it alone, so the layer's own forward
+    raises PyTorch's message (not a reshape error from inside the statistics)."""
+    if isinstance(module, nn.MultiheadAttention):
+        q, k, v = (x[n] for n in ("query", "key", "value"))
+        return all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in (q, k, v)) and \
+            (q.shape[-1], k.shape[-1], v.shape[-1]) == (module.embed_dim, module.kdim, module.vdim)
+    if not isinstance(x, torch.Tensor):
+        return False
+    if isinstance(module, CONV_TYPES):
+        spatial = len(module.kernel_size)
+        return x.dim() in (spatial + 1, spatial + 2) and x.shape[-spatial - 1] == module.in_channels
+    return x.dim() >= 1 and x.shape[-1] == module.in_features

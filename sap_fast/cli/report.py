@@ -36,9 +36,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .forward import check_alpha
-from .io import save_figure, save_json, to_jsonable
-from .spectrum import LayerSpectrum, importance
+from .._runtime import checks
+from .._runtime.io import save_figure, save_json, to_jsonable
+from ..spectrum import LayerSpectrum, importance
+from ..stats import Stats
+from ..sweep import SweepResult
 
 FORMAT = "sap_fast.report"
 VERSION = 1
@@ -53,7 +55,7 @@ __all__ = ["report_data", "plot_report", "write_report", "layer_summary"]
 def _chosen_alpha(sweep, alpha) -> Tuple[Optional[float], Optional[str]]:
     """α* and where it came from: ``alpha`` when given, else the sweep's best (None = no projection)."""
     if alpha is not None:
-        alpha = check_alpha(float(alpha) if hasattr(alpha, "item") else alpha, "alpha")
+        alpha = checks.alpha(alpha)
         return alpha, "sweep" if sweep is not None and alpha == sweep.best_alpha else "given"
     if sweep is not None:
         return sweep.best_alpha, "sweep"
@@ -61,9 +63,6 @@ def _chosen_alpha(sweep, alpha) -> Tuple[Optional[float], Optional[str]]:
 
 
 def _check_inputs(sweep, spectra) -> None:
-    from .stats import Stats
-    from .sweep import SweepResult
-
     if sweep is not None and not isinstance(sweep, SweepResult):
         raise TypeError(f"sweep must be the SweepResult that sap_fast.sweep returns, got {type(sweep).__name__}")
     if isinstance(spectra, Stats):

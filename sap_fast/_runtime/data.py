@@ -15,13 +15,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 Batch = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
-def _is_pair(data) -> bool:
+def is_pair(data) -> bool:
     return (isinstance(data, (tuple, list)) and len(data) == 2
             and all(isinstance(t, torch.Tensor) for t in data)
             and data[0].shape[:1] == data[1].shape[:1])
 
 
-def _split_item(item, what: str) -> Batch:
+def split_item(item, what: str) -> Batch:
     """A batch from a loader: a tensor, or a sequence whose first two items are input, target."""
     if isinstance(item, torch.Tensor):
         return item, None
@@ -37,20 +37,20 @@ def batches(data, batch_size: int = 256, *, what: str = "data") -> Iterator[Batc
     if isinstance(data, torch.Tensor):
         for start in range(0, data.shape[0], batch_size):
             yield data[start:start + batch_size], None
-    elif _is_pair(data):
+    elif is_pair(data):
         x, y = data
         for start in range(0, x.shape[0], batch_size):
             yield x[start:start + batch_size], y[start:start + batch_size]
     elif isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         loader = DataLoader(data, batch_size=batch_size, shuffle=False)
         for item in loader:
-            yield _split_item(item, what)
+            yield split_item(item, what)
     elif hasattr(data, "__iter__"):
         if iter(data) is data:
             raise TypeError(f"{what} is a one-shot iterator; pass a re-iterable (a list, Dataset "
                             "or DataLoader) since the pipeline may read it more than once")
         for item in data:
-            yield _split_item(item, what)
+            yield split_item(item, what)
     else:
         raise TypeError(f"{what} is a {type(data).__name__}; pass a tensor, an (inputs, targets) "
                         "pair, a Dataset or a DataLoader")
@@ -60,7 +60,7 @@ def num_samples(data) -> Optional[int]:
     """Number of samples when it is known without iterating, else None."""
     if isinstance(data, torch.Tensor):
         return data.shape[0]
-    if _is_pair(data):
+    if is_pair(data):
         return data[0].shape[0]
     if isinstance(data, DataLoader):
         try:
@@ -80,7 +80,7 @@ def subset(data, indices: Sequence[int] | torch.Tensor):
     idx = torch.as_tensor(indices, dtype=torch.long)
     if isinstance(data, torch.Tensor):
         return data[idx]
-    if _is_pair(data):
+    if is_pair(data):
         return data[0][idx], data[1][idx]
     if isinstance(data, DataLoader):
         return DataLoader(Subset(data.dataset, idx.tolist()), batch_size=data.batch_size,
@@ -88,7 +88,7 @@ def subset(data, indices: Sequence[int] | torch.Tensor):
     if isinstance(data, Dataset):
         return Subset(data, idx.tolist())
     if isinstance(data, (list, tuple)):  # a list of batches: flatten to samples, then pick
-        inputs, targets = zip(*(_split_item(b, "data") for b in data))
+        inputs, targets = zip(*(split_item(b, "data") for b in data))
         x = torch.cat(inputs)[idx]
         if any(t is None for t in targets):
             return x

@@ -1,21 +1,27 @@
-"""The embedded demo: 8x8 scikit-learn digits, symmetric label noise, a small CNN.
+"""The embedded data set: 8x8 scikit-learn digits, label noise, a small CNN, and a cache of the
+trained models.
 
 Nothing is downloaded: scikit-learn ships the 1797 digit images. ``make_noisy_model`` gives a
 CNN that has memorised 25% wrong training labels (100% accuracy on them) and so tests well
-below a clean model; a corrector such as SAP is then applied to it.
+below a clean model; a corrector such as SAP is then applied to it. :func:`noisy_model` and
+:func:`retrain_model` are the same models, their weights cached on disk (``$SAP_FAST_CACHE``,
+else ``~/.cache/sap_fast``), so a second run skips training.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluate import evaluate
-from .forward import progress
+from .._runtime.evaluate import evaluate
+from .._runtime.forward import progress
+from .._runtime.io import save_torch
 from .noise import label_noise
 
 __all__ = [
@@ -27,6 +33,10 @@ __all__ = [
     "make_noisy_model",
     "retrain_reference",
     "DIGIT_GROUPS",
+    "default_cache_dir",
+    "noisy_model",
+    "retrain_model",
+    "retrain_accuracy",
 ]
 
 # Look-alike digits, the demo's stand-in for CIFAR-100 superclasses in hierarchical noise.
@@ -275,3 +285,61 @@ def retrain_reference(demo: dict[str, Any], *, epochs: int = 100, lr: float = 3e
     model = SmallCNN(NUM_CLASSES, seed=seed)
     return train(model, demo["x_train"][keep], demo["y_train"][keep], epochs=epochs, lr=lr, seed=seed,
                  batch_size=batch_size, num_threads=num_threads, desc="retraining (clean subset)")
+
+
+# -- the trained-model cache ---------------------------------------------------------------------
+CACHE_VERSION = 1  # bump when the training recipe changes
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("SAP_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sap_fast")
+
+
+def _cached(cache: Optional[str], key: dict, build: Callable[[], dict]) -> dict:
+    """``build()`` → state dict, memoised in ``cache`` under a hash of ``key`` (written atomically)."""
+    if cache is None:
+        return build()
+    name = hashlib.sha1(repr(sorted(key.items())).encode()).hexdigest()[:16]
+    path = os.path.join(cache, f"digits-{key['what']}-{name}.pt")
+    if os.path.isfile(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            pass  # a damaged cache entry: train again and overwrite it
+    state = build()
+    os.makedirs(cache, exist_ok=True)
+    save_torch(path, state)
+    return state
+
+
+def noisy_model(seed: int, noise: str, rate: float, epochs: int, cache: Optional[str]) -> dict:
+    """:func:`make_noisy_model`, with the trained weights cached in ``cache`` (None: no cache;
+    splits and noise are deterministic functions of the seed, so only the weights are stored)."""
+    key = dict(what="noisy", seed=seed, noise=noise, rate=rate, epochs=epochs, version=CACHE_VERSION)
+    trained = {}
+
+    def build():
+        trained.update(make_noisy_model(seed, noise_rate=rate, noise_kind=noise, epochs=epochs))
+        return {k: v.clone() for k, v in trained["model"].state_dict().items()}
+
+    state = _cached(cache, key, build)
+    if trained:
+        return trained
+    return make_noisy_model(seed, noise_rate=rate, noise_kind=noise, epochs=epochs, weights=state)
+
+
+def retrain_model(demo: dict, noise: str, rate: float, epochs: int, cache: Optional[str]) -> nn.Module:
+    """The Retrain reference (trained on the samples not marked ``corrupted_train``), cached."""
+    key = dict(what="retrain", seed=demo["seed"], noise=noise, rate=rate, epochs=epochs, version=CACHE_VERSION)
+
+    def build():
+        return retrain_reference(demo, epochs=epochs).state_dict()
+
+    model = SmallCNN(NUM_CLASSES)
+    model.load_state_dict(_cached(cache, key, build))
+    return model.eval()
+
+
+def retrain_accuracy(demo: dict, noise: str, rate: float, epochs: int, cache: Optional[str]) -> float:
+    model = retrain_model(demo, noise, rate, epochs, cache)
+    return accuracy(model, demo["x_test"], demo["y_test"])

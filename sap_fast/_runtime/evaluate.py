@@ -1,0 +1,68 @@
+"""Accuracy and loss of a classifier on labelled data: the sweep's model-selection metric."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checks
+from .forward import forward_batches
+
+
+def classifier_logits(out, what: str = "data") -> torch.Tensor:
+    """The ``(N, classes)`` logits of a classifier's output (a tensor, or a tuple led by one)."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{what}: the model returned {shape}; a classifier returning "
+                         "(batch, classes) logits is needed here")
+    return out
+
+
+def check_targets(y: torch.Tensor, classes: int, what: str) -> torch.Tensor:
+    if y.dtype.is_floating_point or y.dim() != 1:
+        raise ValueError(f"{what}: targets must be a 1-D integer class tensor, got "
+                         f"{y.dtype} of shape {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"{what}: targets must lie in [0, {classes}) (the model has {classes} "
+                         f"outputs), got range [{int(y.min())}, {int(y.max())}]")
+    return y
+
+
+@dataclass
+class Evaluation:
+    accuracy: float   # fraction correct, in [0, 1]
+    loss: float       # mean cross-entropy
+    samples: int
+
+
+def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None,
+             what: str = "data", show_progress: Optional[bool] = None, amp=None) -> Evaluation:
+    """Accuracy and mean cross-entropy of ``model`` on labelled ``data`` (eval mode, no grad).
+    ``amp``: ``"bf16"``/``"fp16"`` runs the forward passes under autocast (None: as the model is)."""
+    opts = checks.run_options(model, device=device, batch_size=batch_size, process_group=False,
+                              show_progress=show_progress, amp=amp)
+    correct, loss, n = evaluation_sums(model, data, opts.batch_size, opts.device, what=what,
+                                       show_progress=opts.show_progress, amp=opts.amp)
+    return Evaluation(correct / n, loss / n, n)
+
+
+def evaluation_sums(model: nn.Module, data, batch_size: int, device: torch.device, *,
+                    what: str = "data", show_progress: Optional[bool] = None, allow_empty: bool = False,
+                    amp: Optional[torch.dtype] = None) -> Tuple[int, float, int]:
+    """``(correct, summed cross-entropy, samples)`` over ``data``: the sums that shards add up
+    (arguments resolved by the caller)."""
+    correct, loss, n = 0, 0.0, 0
+    for _, y, out in forward_batches(model, data, batch_size=batch_size, device=device,
+                                     need_targets=True, what=what, desc="evaluate",
+                                     show_progress=show_progress, allow_empty=allow_empty, amp=amp):
+        logits = classifier_logits(out, what)
+        y = check_targets(y, logits.shape[1], what)
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(logits.double(), y, reduction="sum"))
+        n += y.numel()
+    return correct, loss, n

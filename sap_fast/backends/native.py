@@ -1,0 +1,51 @@
+"""The native extension ``sap_fast._C`` (CMake build of ``csrc/``): loaded once, optional.
+
+When it is missing or fails to load (not built, built for another torch), every stage falls back
+to its portable torch path and the reason is logged once at debug level
+(``logging.getLogger("sap_fast")``). ``SAP_FAST_BACKEND=portable`` forces the portable path
+everywhere (for comparisons, or to rule the native kernels out when chasing a problem).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Optional
+
+log = logging.getLogger("sap_fast")
+BACKENDS = ("auto", "portable")
+
+
+def forced_portable() -> bool:
+    """``SAP_FAST_BACKEND=portable``: every stage on its plain-torch path."""
+    choice = os.environ.get("SAP_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"SAP_FAST_BACKEND={choice!r}: use one of {BACKENDS}")
+    return choice == "portable"
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """(module, None) or (None, why it is unavailable); tried once per process."""
+    try:
+        from .. import _C  # registers torch.ops.sap_fast.*
+        from . import ops  # noqa: F401  (their shape functions)
+    except Exception as err:  # ImportError, or an undefined symbol from a torch mismatch
+        why = (f"the native extension sap_fast._C is unavailable ({type(err).__name__}: {err}); "
+               "using the portable torch path (rebuild: pip install --no-build-isolation -e .)")
+        log.debug(why)
+        return None, why
+    return _C, None
+
+
+def native() -> Optional[object]:
+    """The loaded ``sap_fast._C`` module, or None (forced portable, missing, or failed)."""
+    if forced_portable():
+        return None
+    return load()[0]
+
+
+def native_cuda() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    module = native()
+    return module is not None and bool(module.build_info()["cuda"])
