@@ -2,6 +2,11 @@
 //
 // conv_gram        implicit im2col over tiles: rows of R are gathered tile by tile (in parallel)
 //                  into a small buffer in the accumulation dtype and added with one GEMM each.
+//                  The statistics pass never routes a CPU call here (stride-1 convs take the
+//                  shift form, the rest stream rows): this is the CPU twin of the CUDA kernel
+//                  (csrc/cuda/conv_gram.cu, same schema and contract), kept so the op has a CPU
+//                  implementation that tests/backends/test_native_cpu.py holds to the oracle and
+//                  to opcheck, and that benchmarks/bench_native_cpu.py times as "tiled".
 // conv_gram_shift  stride-1 convs only: every block G[(c,i),(c',j)] depends on the two kernel
 //                  offsets only through δ = o_j − o_i, up to the image border. So the Gram is
 //                  assembled from the (2k−1)^n channel cross-correlations

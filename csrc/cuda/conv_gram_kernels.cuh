@@ -255,7 +255,7 @@ __global__ void mirror_upper_to_lower_kernel(acc_t* __restrict__ gram, int64_t w
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host-side launch helpers (no torch): the caller zeroes `gram`, launches the tiles, then the
+// Host-side launch functions (no torch): the caller zeroes `gram`, launches the tiles, then the
 // mirror, on one stream, checking each launch.
 // ---------------------------------------------------------------------------------------------
 
