@@ -1,27 +1,40 @@
 # Two commands for a fresh machine (Python 3.11, no torch needed beforehand):
-#   make demo   set everything up, then run the digits demo (noisy labels -> SAP repair)
-#   make test   set everything up (native extension included), then run the test suite
-# and, for the CUDA sources on a machine without a GPU:
-#   make check-cuda   compile every csrc/cuda/*.cu with nvcc (no GPU, no link)
+#   make demo        set up what the demo needs, then run the digits demo (noisy labels -> SAP repair)
+#   make test        set up the test stack (native extension included), then run the whole suite
+# and:
+#   make test-fast   the suite without the tests marked slow
+#   make check-cuda  compile every CUDA source with nvcc (no GPU, no link)
+#   make bench       the CPU benchmarks
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup demo test check-cuda bench
+.PHONY: tools setup setup-demo demo test test-fast check-cuda bench
 
-# torch first (the CPU wheel here; a GPU machine keeps its own), then the build tools, then the
-# package without build isolation so the extension compiles against that torch.
-setup:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -q "setuptools>=64" wheel pybind11 ninja
-	command -v cmake >/dev/null || $(PIP) install -q "cmake>=3.18"
-	$(PIP) install -q --no-build-isolation -e ".[demo,cli,test]"
+# torch first (the CPU wheel here; a GPU machine keeps its own), then the build tools; the package
+# is installed without build isolation so its extension compiles against that torch
+tools:
+	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "==> torch 2.13.0 (CPU wheel)"; $(PIP) install -q torch==2.13.0; }
+	@echo "==> build tools: setuptools, wheel, pybind11, ninja (and cmake if none is on the PATH)"
+	@$(PIP) install -q "setuptools>=64" wheel pybind11 ninja
+	@command -v cmake >/dev/null || $(PIP) install -q "cmake>=3.18"
 
-demo: setup
+setup-demo: tools
+	@echo "==> sap_fast[demo]: compiling the native extension (C++, about 40 s on 2 cores), scikit-learn, matplotlib"
+	@$(PIP) install -q --no-build-isolation -e ".[demo]"
+
+setup: tools
+	@echo "==> sap_fast[test]: compiling the native extension (C++, about 40 s on 2 cores), then the test stack (triton, pytest, ...)"
+	@$(PIP) install -q --no-build-isolation -e ".[test]"
+
+demo: setup-demo
 	$(PYTHON) -m sap_fast demo
 
 # SAP_FAST_REQUIRE_NATIVE: a missing extension fails the native tests instead of skipping them
 test: setup
 	SAP_FAST_REQUIRE_NATIVE=1 $(PYTHON) -m pytest -q tests
+
+test-fast: setup
+	SAP_FAST_REQUIRE_NATIVE=1 $(PYTHON) -m pytest -q -m "not slow" tests
 
 check-cuda:
 	PYTHON=$(PYTHON) bash tools/check_cuda.sh

@@ -1,9 +1,9 @@
-"""sap_fast: Scaled Activation Projection as a PyTorch extension.
+"""The native build of sap_fast (the package's metadata is in pyproject.toml).
 
 Install without build isolation, so the build compiles against the torch already installed:
     pip install torch==2.13.0                      # CPU; on a GPU machine keep its own torch
     pip install pybind11 ninja "setuptools>=64" wheel
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e ".[test]"
 
 The native module ``sap_fast._C`` is built by CMake (CMakeLists.txt is the only build
 description; this file only drives it). Environment:
@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -120,23 +120,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    name="sap_fast",
-    version="0.1.0",
-    description="Scaled Activation Projection: one-shot correction of models trained on noisy labels",
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["sap_fast", "sap_fast.*"]),
+    # metadata, dependencies and extras: pyproject.toml; this only adds the native module
     ext_modules=[Extension("sap_fast._C", sources=[])],  # built by CMakeBuild
     cmdclass={"build_ext": CMakeBuild},
-    entry_points={"console_scripts": ["sap-fast=sap_fast.cli:main"]},
-    python_requires=">=3.10",
-    # torch is not pinned: the README installs the right build first (CPU 2.13 here, the GPU
-    # machine's own build there); a range it satisfies makes pip fetch nothing more.
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={
-        "demo": ["scikit-learn", "matplotlib"],
-        "cli": ["pillow", "safetensors", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "triton", "pillow", "safetensors",
-                 "matplotlib"],
-    },
 )

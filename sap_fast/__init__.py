@@ -12,6 +12,8 @@ Below the core: :mod:`sap_fast.backends` (which kernel serves each stage, and th
 Above it: :mod:`sap_fast.cli` (the ``sap-fast`` command), :mod:`sap_fast.experiments` (digits,
 label noise, the demo, the comparison harness) and :mod:`sap_fast.baselines`.
 """
+from importlib import metadata as _metadata
+
 from . import distributed  # noqa: F401  (sap_fast.distributed.* is public)
 from ._runtime.data import subset
 from ._runtime.evaluate import evaluate
@@ -22,7 +24,10 @@ from .select import lowest_per_class, sample_scores, select_suspects, select_tru
 from .stats import LayerStats, Stats
 from .sweep import DEFAULT_ALPHAS, SweepResult, SweepRow, sweep
 
-__version__ = "0.1.0"
+try:  # the one version number is pyproject.toml's
+    __version__ = _metadata.version("sap_fast")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = ["backend_info", "select_trusted", "select_suspects", "sample_scores", "lowest_per_class",
            "collect_stats", "Projector", "correct", "sweep", "Stats", "LayerStats",

@@ -129,7 +129,8 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
             correct, loss, n = local_sums(alpha)
         else:  # every rank sums the same per-rank counts in rank order: the same key everywhere
             sums = distributed.exchange(opts.group, lambda: local_sums(alpha))
-            correct, loss, n = (sum(s[i] for s in sums) for i in range(3))
+            correct, loss, n = (sum(s.correct for s in sums), sum(s.loss for s in sums),
+                                sum(s.samples for s in sums))
             if n == 0:
                 raise ValueError("val is empty on every rank; pass at least one sample")
         e = Evaluation(correct / n, loss / n, n)

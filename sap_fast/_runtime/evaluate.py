@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,13 @@ class Evaluation:
     samples: int
 
 
+class EvaluationSums(NamedTuple):
+    """What shards of the data add up: correct predictions, summed cross-entropy, samples."""
+    correct: int
+    loss: float
+    samples: int
+
+
 def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None,
              what: str = "data", show_progress: Optional[bool] = None, amp=None) -> Evaluation:
     """Accuracy and mean cross-entropy of ``model`` on labelled ``data`` (eval mode, no grad).
@@ -53,9 +60,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None,
 
 def evaluation_sums(model: nn.Module, data, batch_size: int, device: torch.device, *,
                     what: str = "data", show_progress: Optional[bool] = None, allow_empty: bool = False,
-                    amp: Optional[torch.dtype] = None) -> Tuple[int, float, int]:
-    """``(correct, summed cross-entropy, samples)`` over ``data``: the sums that shards add up
-    (arguments resolved by the caller)."""
+                    amp: Optional[torch.dtype] = None) -> EvaluationSums:
+    """:class:`EvaluationSums` over ``data`` (arguments resolved by the caller)."""
     correct, loss, n = 0, 0.0, 0
     for _, y, out in forward_batches(model, data, batch_size=batch_size, device=device,
                                      need_targets=True, what=what, desc="evaluate",
@@ -65,4 +71,4 @@ def evaluation_sums(model: nn.Module, data, batch_size: int, device: torch.devic
         correct += int((logits.argmax(1) == y).sum())
         loss += float(F.cross_entropy(logits.double(), y, reduction="sum"))
         n += y.numel()
-    return correct, loss, n
+    return EvaluationSums(correct, loss, n)
