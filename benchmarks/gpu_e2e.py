@@ -1,5 +1,5 @@
 """End to end on the GPU: correct() and sweep() on ResNet-50 and ViT-B/16, per stage, against the
-official approach (issue 5). Writes ``benchmarks/results/gpu-e2e-<device>.json``.
+official approach (docs/methods.md#official-sap). Writes ``benchmarks/results/gpu-e2e-<device>.json``.
 
 Setting (per model; 14 classes, random weights, random images already on the device): a pool of
 ``--pool`` labelled images to pick the ``--trusted`` trusted samples from, and a validation set of
@@ -23,7 +23,7 @@ Evaluation runs in bf16 autocast with channels_last when that gives the same pre
 on the unprojected model over the whole validation set (``eval_mode`` says which was used and
 the agreement), else in fp32.
 
-``official``: benchmarks/official.py on the same trusted samples and α grid (rows through the
+``official``: sap_fast/experiments/official.py on the same trusted samples and α grid (rows through the
 CPU, 50 000 per layer, float32 SVD, a model copy per α), its stage times, and the same evaluation.
 
     python benchmarks/gpu_e2e.py                        # the GPU run
@@ -47,10 +47,10 @@ from sap_fast.project import Projector  # noqa: E402
 from sap_fast.sweep import DEFAULT_ALPHAS  # noqa: E402
 from common import write_results  # noqa: E402
 from gpu_gram import Timer  # noqa: E402
-import models as bench_models  # noqa: E402
+from sap_fast.experiments import zoo as bench_models  # noqa: E402
 
 CORRECT_ALPHA = 3e4
-TARGETS_S = {"resnet50": 0.5, "vit_b_16": 1.0}  # correct() in exact mode on an H100 (issue 5)
+TARGETS_S = {"resnet50": 0.5, "vit_b_16": 1.0}  # correct() in exact mode on an H100: the target
 
 
 def eval_context(device: torch.device, fast: bool):
@@ -154,7 +154,7 @@ def run_model(name: str, args, device: torch.device) -> dict:
         del projector, result
     out["target_correct_s"] = TARGETS_S.get(name)
     if args.official:
-        from official import official_correct
+        from sap_fast.experiments.official import official_correct
         evals = {}
 
         def on_model(alpha, corrected):

@@ -1,8 +1,9 @@
 """Gram accumulation on the GPU: time, floor, official approach, peak memory and Wp error, per
-model and precision (issue 4). Writes ``benchmarks/results/gpu-gram-<device>.json``.
+model and precision. Writes ``benchmarks/results/gpu-gram-<device>.json``; the floors it is compared
+with, and the published rates they assume, are in docs/cost-census.md.
 
 For each model (ResNet-50 and ViT-B/16 at 224×224, 14 classes, random weights; torchvision's
-when it imports, else benchmarks/models.py's identical layout) and N trusted samples already on
+when it imports, else sap_fast/experiments/zoo.py's identical layout) and N trusted samples already on
 the device, batch B:
 
 - ``forward``: the batched forward pass alone (what collect_stats must run anyway);
@@ -11,16 +12,16 @@ the device, batch B:
 - ``floor`` = the multiply-adds the Gram must do ÷ the matrix rate of that precision, measured
   here with one large GEMM of that precision (``rate_tflops``). Two floors: ``floor_sym`` (upper
   triangle only) and ``floor_shift`` (also the shift-correlation form for stride-1 k×k convs,
-  ((2kh−1)(2kw−1)+1)/2 C×C correlations instead of d(d+1)/2 products per position; the issue's
-  floor). ``ratio`` = gram / floor_shift;
+  ((2kh−1)(2kw−1)+1)/2 C×C correlations instead of d(d+1)/2 products per position; the floor
+  the Gram time is judged by). ``ratio`` = gram / floor_shift;
 - ``peak_extra_MB``: peak allocated during collect_stats − peak of the forward pass alone, next
   to ``grams_MB`` (the Grams it returns) and ``chunk_MB`` (one accumulation chunk);
 - ``wp_error``: ‖Wp(mode) − Wp(oracle)‖_F / ‖Wp(oracle)‖_F, max and median over layers, at α ∈
   {1e3, 3e4, 1e6}; Wp = α G̃ ((α−1)G̃ + I)⁻¹ in float64 from each mode's Gram. The oracle is
   the fp64 mode (exact products of the fp32 activations, float64 sums), which the test suite
-  holds to the materialised-R float64 SVD to 1e-8 (tests/test_vs_reference.py,
-  tests/test_cuda_ops.py);
-- ``official``: benchmarks/official.py (rows through the CPU, 50 000 per layer, float32 SVD):
+  holds to the materialised-R float64 SVD to 1e-8 (tests/core/test_vs_reference.py,
+  tests/backends/test_cuda_ops.py);
+- ``official``: sap_fast/experiments/official.py (rows through the CPU, 50 000 per layer, float32 SVD):
   its gather + SVD time, the stage the Gram (+ spectra) replaces; ``speedup`` = that / gram.
 
 Modes: fp64 (default: float64 accumulation), fp32 (float32 accumulation), tf32 (TF32 tensor
@@ -29,7 +30,7 @@ the CUDA kernel (linear layers cuBLAS), and again the Triton kernels for convs a
 as fp64-triton / fp32-triton (tf32 and bf16 exist only in Triton). ViT-B/16's Gram is 84% linear
 layers, where Triton's upper triangle halves cuBLAS's full product. fp64-shift / fp32-shift take
 stride-1 convs through the shift-correlation form in cuDNN weight-gradient calls
-(sap_fast/shift.py) where it does fewer multiply-adds, the rest as in fp64 / fp32. cuDNN/cuBLAS TF32 is off
+(sap_fast/backends/shift.py) where it does fewer multiply-adds, the rest as in fp64 / fp32. cuDNN/cuBLAS TF32 is off
 in the forward pass (torch.backends.*.allow_tf32 = False) so every mode sees the same fp32
 activations.
 
@@ -54,7 +55,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import sap_fast  # noqa: E402
 from sap_fast import accumulate  # noqa: E402
 from common import write_results  # noqa: E402
-import models as bench_models  # noqa: E402
+from sap_fast.experiments import zoo as bench_models  # noqa: E402
+from sap_fast.experiments.zoo import shift_macs  # noqa: E402
 
 MODES = {
     "fp64": dict(dtype=torch.float64, input_precision="fp32"),
@@ -118,18 +120,6 @@ def matrix_rate(mode: str, device: torch.device, n: int) -> float:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     return 2 * n ** 3 / best
-
-
-def shift_macs(model, layer) -> int:
-    """MACs per sample of one target's Gram in the shift-correlation form where it applies
-    (stride-1 convs with a kernel > 1 element), else its upper triangle."""
-    module = dict(model.named_modules()).get(layer.name)
-    kernel = getattr(module, "kernel_size", None)
-    if kernel is None or math.prod(kernel) == 1 or any(s != 1 for s in module.stride):
-        return layer.sym_macs
-    channels = layer.d // math.prod(kernel)
-    offsets = (math.prod(2 * k - 1 for k in kernel) + 1) // 2  # δ and −δ give transposed blocks
-    return layer.groups * layer.rows_per_sample * offsets * channels * channels
 
 
 def wp_matrices(stats, alpha: float, max_d=None) -> dict:
@@ -222,7 +212,7 @@ def run_model(name: str, args, device: torch.device, rates: dict) -> dict:
         out["modes"]["fp64"]["wp_error"] = {f"{a:g}": {"max": 0.0, "median": 0.0} for a in ALPHAS}
     del oracle
     if args.official:
-        from official import official_correct
+        from sap_fast.experiments.official import official_correct
         res = official_correct(model, x, [3e4], max_samples=args.official_rows, max_batch_size=args.batch,
                                on_model=lambda alpha, corrected: None)
         official_s = res.stage_times["gather"] + res.stage_times["svd"]

@@ -202,13 +202,21 @@ def _reduce_worker(rank: int, world: int, port: int, repeats: int, folder: str) 
         dist.destroy_process_group()
 
 
+def free_port() -> int:
+    """A loopback port free right now (the ranks bind it a moment later)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def measure_reduce(repeats: int) -> dict:
     import tempfile
 
     import torch.multiprocessing as mp
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.dist_support import free_port  # noqa: E402
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sap_fast
 
     folder = tempfile.mkdtemp()
     mp.start_processes(_reduce_worker, args=(2, free_port(), repeats, folder), nprocs=2, start_method="spawn")
@@ -224,8 +232,7 @@ def measure(samples: int, repeats: int, worlds=(1, 2, 3)) -> list:
 
     import torch.multiprocessing as mp
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.dist_support import free_port  # noqa: E402 - loopback port helper
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sap_fast
 
     rows = []
     for world in worlds:

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for the GPU measurements of issues 4 and 5, side by side in one run:
+"""pytest-benchmark suite for the GPU measurements (benchmarks/README.md), side by side in one run:
 Gram accumulation per precision mode, correct() per solver, sweep() per solver, and the official
 approach's gather + SVD, for ResNet-50 and ViT-B/16 at 224×224 (1000 trusted samples, batch 128,
 inputs on the GPU). The scripts benchmarks/gpu_gram.py and gpu_e2e.py add floors, memory, Wp
@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sap_fast  # noqa: E402
-import models as bench_models  # noqa: E402
+from sap_fast.experiments import zoo as bench_models  # noqa: E402
 from gpu_gram import KERNELS, MODES, mode_settings  # noqa: E402
 
 SAMPLES, BATCH, SIZE = 1000, 128, 224
@@ -91,7 +91,7 @@ def test_sweep(benchmark, model, solver):
 
 
 def test_official_gather_and_svd(benchmark, model):
-    from official import official_correct
+    from sap_fast.experiments.official import official_correct
     name, net, x = model
     benchmark.group = f"{name}: correct() at α=3e4, exact mode"
     benchmark.pedantic(_synced(lambda: official_correct(net, x, [3e4], max_batch_size=BATCH,

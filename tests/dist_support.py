@@ -1,17 +1,18 @@
-"""Spawned gloo workers for tests/test_distributed.py (importable top-level functions: the
+"""Spawned gloo ranks for tests/core/test_distributed.py (importable top-level functions: the
 "spawn" start method pickles them by name) and the single-process cases they are compared with."""
 from __future__ import annotations
 
 import datetime
 import os
 import socket
-import subprocess
 import sys
 import time
 import traceback
 
 import torch
 from torch import nn
+
+from support import REPO_ROOT
 
 N, CLASSES, ALPHA, TRUSTED, CANDIDATES = 40, 3, 1e3, 12, 25
 
@@ -212,12 +213,12 @@ def run_workers(world: int, sizes, folder: str, limit: float = 90.0, attempts: i
     raise AssertionError(f"the ranks could not start: {[o.get('init_failed') for o in results]}")
 
 
-def torchrun(script: str, args, cwd: str, timeout: float):
-    """``torchrun --standalone --nproc_per_node=2 script args`` (``--standalone``: a local
-    rendezvous on a port torchrun picks itself, so no race for a free port)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+def torchrun(script: str, args):
+    """(argv, environment additions) of ``torchrun --standalone --nproc_per_node=2 script args``
+    (``--standalone``: a local rendezvous on a port torchrun picks itself, so no race for a free
+    port), one thread per rank, this checkout's sap_fast first on the path."""
+    env = dict(OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            script, *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return cmd, env

@@ -1,9 +1,13 @@
-"""Shared test support: small models covering every layer kind (float64 unless asked otherwise)
-and comparison helpers."""
+"""Shared test support: small models covering every layer kind (float64 unless asked otherwise),
+relative-error comparisons, and a snapshot of a caller's model to prove it was left unchanged."""
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Tokens(nn.Module):
@@ -105,3 +109,15 @@ def assert_unchanged(model, snap):
     for k in state:
         assert torch.equal(now[k], state[k]), f"caller's model changed: {k}"
     assert [m.training for m in model.modules()] == flags, "caller's train/eval flags changed"
+
+
+def tiny_vit(classes=3):
+    """ViT-B/16's layout (sap_fast.experiments.zoo) at toy size: 32×32 inputs, 16×16 patches, two
+    blocks of width 16, and a random classifier head (torchvision's is zero)."""
+    from sap_fast.experiments import zoo
+
+    torch.manual_seed(0)
+    vit = zoo.VisionTransformer(32, 16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                                num_classes=classes)
+    nn.init.normal_(vit.heads.head.weight)
+    return vit

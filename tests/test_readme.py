@@ -2,10 +2,13 @@
 import os
 import re
 
+import pytest
 import torch
 from torch import nn
 
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+from support import REPO_ROOT
+
+README = os.path.join(REPO_ROOT, "README.md")
 
 
 def test_readme_quick_start_runs(tmp_path, monkeypatch):
@@ -25,6 +28,7 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.slow
 def test_readme_command_line_runs(tmp_path):
     """The command-line section, as written, on a tiny model and image folders."""
     import subprocess
@@ -51,7 +55,10 @@ def test_readme_command_line_runs(tmp_path):
                 pixels = (torch.rand(40, 40, 3) * 100 + 100 * c).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
     script = script.replace("sap-fast ", f"{sys.executable} -m sap_fast ")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    # mymodel.py, then this checkout's sap_fast (so the test passes whether or not the package is
+    # installed), then whatever PYTHONPATH the suite runs under
+    path = [str(tmp_path), REPO_ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

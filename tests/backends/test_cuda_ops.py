@@ -420,7 +420,7 @@ def test_correct_on_cuda_matches_the_reference(name, alpha, solver):
 def test_collect_stats_never_synchronises_per_batch(name, monkeypatch):
     """torch.cuda.set_sync_debug_mode("error") over the whole pass: any host read in the hooks
     (.item(), bool(t), .cpu(), …) raises. Only the end-of-pass finiteness read is allowed, and it
-    is taken out here (tests/test_no_sync.py counts it on the CPU)."""
+    is taken out here (tests/core/test_no_sync.py counts it on the CPU)."""
     import sap_fast
     from sap_fast import accumulate
 

@@ -2,9 +2,9 @@
 read a tensor back to the host (``.item()``, ``bool(t)``, ``.tolist()``, ``.cpu()``, …), which on
 CUDA would stall the stream once per batch and layer.
 
-The CPU twin of ``torch.cuda.set_sync_debug_mode("error")`` (which tests/test_cuda_ops.py uses on a
-GPU): a TorchFunctionMode records every host-reading call, and the count must not grow with the
-number of batches. The end-of-pass finiteness check is one read for all layers.
+The CPU twin of ``torch.cuda.set_sync_debug_mode("error")`` (which
+tests/backends/test_cuda_ops.py uses on a GPU): a TorchFunctionMode records every host-reading
+call, and the count must not grow with the number of batches. The end-of-pass finiteness check is one read for all layers.
 """
 import pytest
 import torch

@@ -1,5 +1,6 @@
-"""SSD and SCRUB (shared/methods.md §3, §4): the computations against hand-written ones, their
-effect on a model that memorised flipped labels, and the calling convention."""
+"""SSD and SCRUB (docs/methods.md#ssd, docs/methods.md#scrub): the computations against
+hand-written ones, their effect on a model that memorised flipped labels, and the calling
+convention."""
 import importlib
 import warnings
 

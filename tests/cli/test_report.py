@@ -1,4 +1,5 @@
-"""Atomic writes (sap_fast.io) and the run report (sap_fast.report): numbers, figure, files."""
+"""Atomic writes (sap_fast._runtime.io) and the run report (sap_fast.cli.report): numbers, figure,
+files."""
 import json
 import math
 import os
@@ -35,22 +36,24 @@ def run():
 
 
 # -- atomic_write ------------------------------------------------------------------------------
-def _half_then(exc):
+def _half_then(exc, flush=True):
     def write(f):
         f.write(b"half of the new")
-        f.flush()
+        if flush:
+            f.flush()
         raise exc
     return write
 
 
-def test_atomic_write_interrupted_keeps_old_file(tmp_path):
+@pytest.mark.parametrize("flush", [True, False], ids=["flushed", "buffered"])
+def test_atomic_write_interrupted_keeps_old_file(tmp_path, flush):
     path = tmp_path / "out.bin"
     path.write_bytes(b"old")
     with pytest.raises(KeyboardInterrupt):
-        sio.atomic_write(path, _half_then(KeyboardInterrupt()))
+        sio.atomic_write(path, _half_then(KeyboardInterrupt(), flush))
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
     with pytest.raises(KeyboardInterrupt):  # no old file: nothing at all is left
-        sio.atomic_write(tmp_path / "new.bin", _half_then(KeyboardInterrupt()))
+        sio.atomic_write(tmp_path / "new.bin", _half_then(KeyboardInterrupt(), flush))
     assert os.listdir(tmp_path) == ["out.bin"]
 
 
@@ -65,6 +68,19 @@ def test_atomic_write_failed_rename_keeps_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk on fire"):
         sio.atomic_write(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_save_json_failed_rename_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    path.write_text("{}")
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError, match="No space"):
+        sio.save_json(path, {"a": 1})
+    assert path.read_text() == "{}" and os.listdir(tmp_path) == ["report.json"]
 
 
 def test_atomic_write_replaces_and_sets_permissions(tmp_path):
@@ -84,6 +100,8 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         sio.atomic_write(missing / "x.bin", lambda f: f.write(b""))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_report(missing, extra={"a": 1})
+    with pytest.raises(FileNotFoundError, match="nope"):
+        sio.save_json(missing / "x.json", {})
     assert not missing.exists()
 
 
@@ -104,11 +122,15 @@ def test_save_json_converts_tensors_numpy_and_non_finite(tmp_path):
     with pytest.raises(TypeError, match=r"value\['bad'\].*object"):
         sio.save_json(tmp_path / "bad.json", {"bad": object()})
     assert sorted(os.listdir(tmp_path)) == ["x.json"]
+    # over an existing file: replaced whole
+    sio.save_json(path, {"t": torch.tensor([1.5, float("nan")]), "inf": math.inf, 2.0: torch.tensor(3)})
+    assert json.loads(path.read_text()) == {"t": [1.5, None], "inf": None, "2.0": 3}
 
 
 def test_save_safetensors_and_torch_round_trip(tmp_path):
     st = pytest.importorskip("safetensors.torch")
-    tensors = {"w": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "t": torch.randn(4, 3).T}
+    tensors = {"w": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "t": torch.randn(4, 3).T,
+               "s": torch.arange(5.0)[::2]}  # two non-contiguous ones
     sio.save_safetensors(tmp_path / "w.safetensors", tensors, metadata={"alpha": "1000"})
     back = st.load_file(str(tmp_path / "w.safetensors"))
     assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
@@ -140,6 +162,11 @@ def test_layer_summary_on_a_known_spectrum():
     assert out["lambda_mean"] == pytest.approx(sum(lam) / 5, rel=1e-5)
     assert layer_summary(sp, alpha=3.0)["lambda_gt_half"] == 2
     assert layer_summary(sp)["lambda_gt_half"] is None
+    # α = 9: s = .1 gives λ = ½ exactly, not above it (3 directions); λ = 9s/(8s+1)
+    nine = layer_summary(sp, alpha=9.0)
+    assert nine["lambda_gt_half"] == 3
+    lam9 = [9 * s / (8 * s + 1) for s in (0.4, 0.3, 0.2, 0.1, 0.0)]
+    assert nine["lambda_mean"] == pytest.approx(sum(lam9) / 5, rel=1e-5)  # 6 significant digits
     # 20 equal directions: top 1% = 1 direction, top 10% = 2; effective rank 20
     flat = layer_summary(_spectrum([1.0] * 20), alpha=100.0)
     assert flat["energy_top_1pct"] == pytest.approx(0.05) and flat["energy_top_10pct"] == pytest.approx(0.1)
@@ -231,6 +258,35 @@ def test_write_report_files(run, tmp_path):
     assert write_report(only_json, extra={"a": 1})["png"] is None and os.listdir(only_json) == ["report.json"]
 
 
+@pytest.fixture(scope="module")
+def conv_run():
+    """A tiny conv model's run: a conv (d = 9) and a linear layer (d = 12)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
+    x = torch.randn(40, 1, 4, 4)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    stats = sap_fast.collect_stats(model, x[:30])
+    result = sap_fast.sweep(model, None, (x[30:], y[30:]), stats=stats, alphas=[10, 100])
+    return result, spectra(stats)
+
+
+def test_report_figure_and_files_of_a_conv_run(conv_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    result, layer_spectra = conv_run
+    fig = plot_report(sweep=result, spectra=layer_spectra, alpha=100.0,
+                      test_accuracy={None: 0.5, 10.0: 0.6, 100.0: 0.7})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 3 and any("accuracy" in t for t in titles) and any("spectra" in t for t in titles)
+    spectrum_axis = next(ax for ax in fig.axes if "spectra" in ax.get_title())
+    assert {line.get_label() for line in spectrum_axis.get_lines()} >= {"0 (d=9)", "3 (d=12)"}
+    paths = write_report(tmp_path, sweep=result, spectra=layer_spectra, extra={"note": "x"})
+    assert open(paths["png"], "rb").read(8) == PNG_SIGNATURE
+    data = json.load(open(paths["json"]))
+    assert [r["alpha"] for r in data["sweep"]["rows"]] == [None, 10.0, 100.0]
+    assert set(data["layers"]) == {"0", "3"} and data["extra"] == {"note": "x"}
+    assert sorted(os.listdir(tmp_path)) == ["report.json", "report.png"]
+
+
 def test_stats_save_goes_through_atomic_write(run, tmp_path, monkeypatch):
     result, _ = run
     path = tmp_path / "stats.pt"
@@ -242,3 +298,8 @@ def test_stats_save_goes_through_atomic_write(run, tmp_path, monkeypatch):
     monkeypatch.undo()
     result.stats.save(path)
     assert sap_fast.Stats.load(path).num_samples == 40 and os.listdir(tmp_path) == ["stats.pt"]
+    saved = path.read_bytes()  # a failed save over a real earlier save keeps that one
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        result.stats.save(path)
+    assert path.read_bytes() == saved and os.listdir(tmp_path) == ["stats.pt"]

@@ -1,14 +1,17 @@
 """Distributed statistics, selection, spectra and sweep over 2 and 3 gloo processes (spawned,
 loopback only, bounded time) equal one process on the union of the shards: uneven shards, an
 empty shard, permuted global ids; a rank that raises makes every rank raise; the torchrun example
-runs. Workers live in tests/dist_support.py."""
+runs. The ranks' code lives in tests/dist_support.py. The tests on spawned processes are marked
+slow; the single-process ones at the end are not."""
 import os
 
 import pytest
 import torch
 
 import dist_support as ds
+import prestart
 import sap_fast
+from support import REPO_ROOT
 from sap_fast import distributed
 from sap_fast.select import _local_candidates, candidate_ids, lowest_per_class
 
@@ -45,7 +48,8 @@ def _run(world: int, tmp_path_factory) -> list:
     return _RUNS[world]
 
 
-@pytest.fixture(params=[2, 3], ids=["2-ranks", "3-ranks"])
+@pytest.fixture(params=[pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)],
+                ids=["2-ranks", "3-ranks"])
 def ranks(request, tmp_path_factory):
     return _run(request.param, tmp_path_factory)
 
@@ -114,6 +118,7 @@ def test_a_rank_that_raises_makes_every_rank_raise(ranks):
         assert torch.equal(out["after_errors"], out["trusted"])  # the group is still usable
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_fails_the_others_at_once(tmp_path_factory):
     ranks = _run(2, tmp_path_factory)  # the two-rank run ends with rank 1 exiting
     kind, typ, msg = ranks[0]["peer_died"]
@@ -129,11 +134,15 @@ def test_bucketed_collectives(ranks):
         assert out["buckets"]["broadcast"] == 0.0
 
 
-def test_torchrun_example(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "examples", "distributed_correct.py")
-    run = ds.torchrun(script, ["--epochs", "3", "--trusted", "100", "--candidates", "600"],
-                      cwd=str(tmp_path), timeout=180)
+TORCHRUN = prestart.command("torchrun-example", *ds.torchrun(
+    os.path.join(REPO_ROOT, "examples", "distributed_correct.py"),
+    ["--epochs", "3", "--trusted", "100", "--candidates", "600"]), timeout=180)
+
+
+@pytest.mark.slow
+@pytest.mark.prestart("torchrun-example")
+def test_torchrun_example():
+    run = TORCHRUN.result()
     assert run.returncode == 0, run.stderr[-3000:]
     assert "identical corrected weights on all 2 ranks: True" in run.stdout, run.stdout
 

@@ -131,6 +131,7 @@ def test_native_ops_reject_bad_arguments_in_one_line(call, message):
     (torch.ops.sap_fast.conv_gram.default, ([3, 2], [2, 1], [1, 0], [1, 2], 2, torch.float64)),
     (torch.ops.sap_fast.conv_gram_shift.default, ([3, 2], [1, 0], [1, 2], 2, torch.float64)),
 ])
+@pytest.mark.slow  # a few seconds: left out of the fast target
 def test_native_ops_pass_opcheck(op, args):
     x = torch.randn(2, 4, 6, 5)
     torch.library.opcheck(op, (x, *args))

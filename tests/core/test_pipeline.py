@@ -30,7 +30,7 @@ def test_chunk_and_batch_size_do_not_change_result(case):
 
 def test_chunks_are_bounded_even_for_one_oversized_sample(monkeypatch):
     """Portable path: peak memory is one chunk: no chunk exceeds chunk_rows, whatever the sample
-    count or size. (The native kernels never build rows; see test_native_cpu.py.)"""
+    count or size. (The native kernels never build rows; see tests/backends/test_native_cpu.py.)"""
     monkeypatch.setenv("SAP_FAST_BACKEND", "portable")
     sizes = []
     original = LayerStats.add
@@ -286,6 +286,7 @@ def test_sweep_auto_refines_and_never_does_worse():
     assert [r.val_accuracy for r in as_array.table] == [r.val_accuracy for r in grid.table]
 
 
+@pytest.mark.slow  # a few seconds: left out of the fast target
 def test_wide_layer_update_builds_no_d_by_d_matrix():
     """A 12000-wide layer with 10 rows: a d×d float64 temporary would be 1.15 GB; peak stays far below."""
     code = textwrap.dedent("""

@@ -1,7 +1,7 @@
 """The Triton update kernel against its torch twin and a float64 direct formula.
 
-On a machine without CUDA the kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``,
-set below before the kernel module is imported); with CUDA the same tests also run compiled.
+On a machine without CUDA the kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``;
+see triton_support.py); with CUDA the same tests also run compiled.
 Note: the interpreter computes ``tl.dot`` with numpy (exact fp32), so TF32 error only shows on GPU.
 
 Errors are ``‖x − y‖_F / ‖W‖_F`` over the whole tensor. Tolerances (dtype: twin, direct):
@@ -11,29 +11,18 @@ adds the float32 rounding of ``wu = W U`` and the non-orthonormality, O(eps32), 
 ``U``, which the full form's ``W − …`` sees as ``W (I − U Uᵀ)``).
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-_KERNELS_PREIMPORTED = "sap_fast.backends.triton.update" in sys.modules
-if not torch.cuda.is_available():
-    # must precede the kernel module's import: @triton.jit reads it at decoration time (setting
-    # it in conftest.py is safer once other modules import the kernels)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from sap_fast.project import projected_weight
+from sap_fast.spectrum import LayerSpectrum
 
-pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+from .triton_support import kernel_module
 
-from sap_fast.backends.triton import update as pt  # noqa: E402
-from sap_fast.project import projected_weight  # noqa: E402
-from sap_fast.spectrum import LayerSpectrum  # noqa: E402
+pt, DEVICES = kernel_module("update")
 
-DEVICES = (["cpu"] if pt.interpreted() else []) + (["cuda"] if torch.cuda.is_available() else [])
-if not DEVICES:
-    why = ("sap_fast.backends.triton.update was imported before TRITON_INTERPRET=1 was set (set it in conftest.py "
-           "or the environment)" if _KERNELS_PREIMPORTED else "TRITON_INTERPRET is not 1")
-    pytest.skip(f"no CUDA and no Triton interpreter: {why}", allow_module_level=True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALPHAS = [1.0, 10.0, 1e3, 1e6]
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-6, 1e-5)}  # (vs twin, vs float64 direct)

@@ -9,6 +9,8 @@ from sap_fast.backends.gram import route as gram_route
 
 F64, F32 = torch.float64, torch.float32
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def route(device="cuda", dtype=F64, precision="fp32", conv=True, **kw):
     base = dict(stride_one_spatial=True, native_cpu=True, native_cuda=True, triton_ok=True, choice="auto")
@@ -67,14 +69,16 @@ from sap_fast.backends import gram as gram_backend  # noqa: E402
 from sap_fast.backends import triton as triton_backends  # noqa: E402
 from support import Attention, Tokens, conv_case, rel_err  # noqa: E402
 
+from .triton_support import kernel_module  # noqa: E402
+
 ROUTED_CASES = ["2d-groups2", "2d-nonsquare-stride-dil", "1d-same-even-dil", "2d-reflect"]
 
 
 @pytest.fixture
 def triton_route(monkeypatch):
     """collect_stats as on a GPU whose Grams go to the Triton kernels, run by the interpreter."""
-    gram_triton = pytest.importorskip("sap_fast.backends.triton.gram")
-    if not gram_triton.interpreted():
+    gram_triton, devices = kernel_module("gram")
+    if "cpu" not in devices:
         pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1 must be set before import)")
     calls = []
     real = gram_triton.conv_gram

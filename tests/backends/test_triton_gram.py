@@ -1,10 +1,10 @@
-"""The Triton implicit-im2col Gram kernel (sap_fast/kernels/gram_triton.py) against independent
+"""The Triton implicit-im2col Gram kernel (sap_fast/backends/triton/gram.py) against independent
 float64 oracles: one-hot convolutions (F.conv1d/2d/3d with an identity weight read every patch
 exactly), F.unfold for 2-D, the pipeline's own rows (accumulate.conv_row_chunks) and the native
 op (torch.ops.sap_fast.conv_gram) where it is built.
 
-On a machine without CUDA the kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``,
-set below before the kernel module is imported); with CUDA the same tests also run compiled.
+On a machine without CUDA the kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``;
+see triton_support.py); with CUDA the same tests also run compiled.
 
 Errors are entrywise, scaled by Cauchy–Schwarz: ``|G − O|_ij / sqrt(O_ii O_jj)`` (the size of the
 sum of |products| behind entry ij), max over all entries, against the float64 oracle ``O`` of the
@@ -26,31 +26,19 @@ summation order, but the tensor-core lowering (and the fp64 MMA, atomics and reg
 only exercised by the CUDA parametrisation.
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_KERNELS_PREIMPORTED = "sap_fast.backends.triton.gram" in sys.modules
-if not torch.cuda.is_available():
-    # must precede the kernel module's import: @triton.jit reads it at decoration time
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from sap_fast.accumulate import conv_row_chunks
+from sap_fast.backends.native import native
+from sap_fast.backends.precision import round_inputs as _round_inputs
 
-pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+from .triton_support import kernel_module
 
-from sap_fast.accumulate import conv_row_chunks  # noqa: E402
-from sap_fast.backends.native import native  # noqa: E402
-from sap_fast.backends.precision import round_inputs as _round_inputs  # noqa: E402
-from sap_fast.backends.triton import gram as gt  # noqa: E402
-
-DEVICES = (["cpu"] if gt.interpreted() else []) + (["cuda"] if torch.cuda.is_available() else [])
-if not DEVICES:
-    why = ("sap_fast.backends.triton.gram was imported before TRITON_INTERPRET=1 was set (set it in "
-           "conftest.py or the environment)" if _KERNELS_PREIMPORTED else "TRITON_INTERPRET is not 1")
-    pytest.skip(f"no CUDA and no Triton interpreter: {why}", allow_module_level=True)
+gt, DEVICES = kernel_module("gram")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,6 +64,9 @@ CASES = {
     "3d-mixed": (2, 2, (5, 6, 4), (3, 2, 3), (1, 2, 1), (1, 0, 1), (1, 1, 2), 1, dict(SMALL, splits=2)),
     "3d-groups2": (1, 4, (4, 5, 3), (2, 2, 2), (2, 2, 2), (1, 1, 1), (1, 1, 1), 2, SMALL),
 }
+
+
+HEAVY = ("2d-depthwise", "3d-mixed")  # the interpreter's slowest cases: in the full suite only
 
 
 def geometry(case):
@@ -163,7 +154,7 @@ def test_oracle_matches_unfold():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", gt.PRECISIONS)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in HEAVY else c for c in CASES])
 def test_matches_oracle(case, precision, device):
     geo, launch = geometry(case)
     x = make_x(case, seed=len(case) * 31 + len(precision), device=device)
@@ -184,7 +175,8 @@ def test_matches_oracle(case, precision, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", gt.PRECISIONS)
-@pytest.mark.parametrize("case", ["2d-k3-s2-p1-split3", "3d-mixed", "1d-groups3-k4"])
+@pytest.mark.parametrize("case", ["2d-k3-s2-p1-split3", pytest.param("3d-mixed", marks=pytest.mark.slow),
+                                  "1d-groups3-k4"])
 def test_integer_inputs_are_exact(case, precision, device):
     """Small integers make every product and partial sum exact in every mode (bf16 holds them
     too), so the kernel must equal the oracle bit for bit, atomics and all."""
@@ -227,6 +219,7 @@ def test_input_rounding_is_nearest_even(precision, device):
     assert torch.equal(gt.round_inputs(x, precision), _round_inputs(x, precision))
 
 
+@pytest.mark.slow  # a few seconds: left out of the fast target
 @pytest.mark.parametrize("device", DEVICES)
 def test_any_strides_without_copy(device, monkeypatch):
     """channels_last (2-D and 3-D), a channel/spatial slice and an expanded (stride 0) batch read
@@ -357,6 +350,7 @@ def test_empty_inputs(device):
     assert one.shape == (1, 1, 1) and one.item() == 24.0
 
 
+@pytest.mark.slow  # a few seconds: left out of the fast target
 def test_configs_and_defaults():
     """Every autotune candidate and the defaults launch and agree (the interpreter ignores
     num_warps/num_stages; on a GPU this also compiles each one)."""

@@ -1,4 +1,5 @@
-"""UGradSL / UGradSL+ and ManiF-SMC (sap_fast.baselines.ugradsl, .manif; methods.md §5, §6)."""
+"""UGradSL / UGradSL+ and ManiF-SMC (sap_fast.baselines.ugradsl, .manif; their exact steps and
+defaults: docs/methods.md#ugradsl, docs/methods.md#manif-smc)."""
 import copy
 import importlib
 

@@ -1,7 +1,8 @@
-"""ResNet-50 and ViT-B/16 for the benchmarks, in plain torch, plus a per-layer cost census.
+"""ResNet-50 and ViT-B/16 in plain torch, in torchvision's layout, plus a per-layer cost census.
 
-torchvision and timm do not import on the development machine, so this module rebuilds the two
-models the GPU benchmarks use with torchvision's module names, layout and (random) initialisation:
+torchvision and timm need not import (they do not on the CPU development machine), so this module
+rebuilds the two models the GPU benchmarks use with torchvision's module names, layout and (random)
+initialisation:
 
 - :func:`resnet50`: ResNet-50 v1.5 (stride on the 3×3 conv), ``conv1 bn1 relu maxpool
   layer1..layer4 avgpool fc``; Bottleneck blocks ``conv1 bn1 conv2 bn2 conv3 bn3 relu
@@ -13,25 +14,25 @@ models the GPU benchmarks use with torchvision's module names, layout and (rando
   ``encoder.ln``, ``heads.head``. 85,809,422 parameters with 14 classes.
 
 :func:`build` returns torchvision's model where torchvision imports (the GPU machine) and ours
-otherwise; ``model.bench_source`` says which ("torchvision" or "benchmarks.models").
+otherwise; ``model.bench_source`` says which ("torchvision" or "sap_fast.experiments.zoo").
 
-:func:`census` lists, per layer SAP covers (``sap_fast.layers.select_targets``), the width d,
-rows per sample L, and the Gram cost per sample (L·d² MACs, L·d(d+1)/2 for the symmetric
-half), from one batch-1 forward on the meta device (no memory, no compute):
+:func:`census` lists, per layer SAP covers (``sap_fast._runtime.layers.select_targets``), the
+width d, rows per sample L, and the Gram cost per sample (L·d² MACs, L·d(d+1)/2 for the
+symmetric half), from one batch-1 forward on the meta device (no memory, no compute). The totals
+for both models, and the floors derived from them, are tabulated in docs/cost-census.md:
 
     >>> c = census(build("resnet50"))
-    >>> c.gram_flops(1000) / 1e12          # 40.78 TFLOP (../shared/perf-anchors.md §2.1)
+    >>> c.gram_flops(1000) / 1e12          # 40.78 TFLOP for 1000 samples at 224×224
 
 The census counts every Gram once: in self-attention the q/k/v blocks of ``in_proj`` read the
 same tensor, so k and v carry ``gram_of = <the q target>`` and are left out of the totals by
-default (``distinct=False`` counts them too).
+default (``distinct=False`` counts them too). :func:`shift_macs` counts one target's Gram in the
+shift-correlation form where that form applies (stride-1 convs).
 """
 from __future__ import annotations
 
 import inspect
 import math
-import os
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
@@ -40,14 +41,13 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from sap_fast._runtime.layers import CONV_TYPES, select_targets  # noqa: E402
+from .._runtime.layers import CONV_TYPES, select_targets
 
-__all__ = ["resnet50", "vit_b_16", "build", "census", "Census", "LayerCensus", "MODELS",
+__all__ = ["resnet50", "vit_b_16", "build", "census", "shift_macs", "Census", "LayerCensus", "MODELS",
            "Bottleneck", "ResNet", "VisionTransformer", "EncoderBlock", "Encoder"]
 
 MODELS = ("resnet50", "vit_b_16")
-OURS = "benchmarks.models"
+OURS = "sap_fast.experiments.zoo"
 
 
 # -- ResNet-50 (torchvision layout, v1.5) --------------------------------------------------------
@@ -241,10 +241,11 @@ def build(name: str, num_classes: int = 14, prefer_torchvision: bool = True, *,
     """``resnet50`` or ``vit_b_16`` (dashes/underscores optional), randomly initialised.
 
     torchvision's builder when ``prefer_torchvision`` and torchvision imports, ours otherwise;
-    ``model.bench_source`` is ``"torchvision"`` or ``"benchmarks.models"``. ``device`` builds the
-    parameters there directly (``"meta"`` for a free, shape-only model). ``random_head``: a
-    zero-initialised classifier (torchvision's ViT) is re-drawn with ``nn.Linear``'s default
-    initialisation, whichever the source, so logits and projected heads are not all zero.
+    ``model.bench_source`` is ``"torchvision"`` or ``"sap_fast.experiments.zoo"``. ``device``
+    builds the parameters there directly (``"meta"`` for a free, shape-only model).
+    ``random_head``: a zero-initialised classifier (torchvision's ViT) is re-drawn with
+    ``nn.Linear``'s default initialisation, whichever the source, so logits and projected heads
+    are not all zero.
     ``image_size``: the ViT's input side (its position embedding depends on it; smoke runs use
     32); ResNet-50 takes any size.
     """
@@ -277,7 +278,7 @@ class _nullcontext:
 class LayerCensus:
     """One covered target: its input width d (per group), rows per sample L (per group)."""
 
-    name: str                 # target name, as sap_fast.layers names it
+    name: str                 # target name, as sap_fast._runtime.layers names it
     kind: str                 # "conv", "linear", "mha.q/k/v", "mha.out_proj"
     d: int
     groups: int
@@ -455,6 +456,19 @@ def census(model: nn.Module, image_size: int = 224, *, input_shape=None) -> Cens
             kind, c_out = "linear", mod.out_features
         layers.append(LayerCensus(t.name, kind, t.d, t.groups, rows[t.name], c_out, gram_of[t.name]))
     return Census(layers, image_size)
+
+
+def shift_macs(model: nn.Module, layer: LayerCensus) -> int:
+    """MACs per sample of one target's Gram in the shift-correlation form where it applies
+    (stride-1 convs with a kernel of more than one element: ((2k_h−1)(2k_w−1)+1)/2 C×C
+    correlations per position, as δ and −δ give transposed blocks), else its upper triangle."""
+    module = dict(model.named_modules()).get(layer.name)
+    kernel = getattr(module, "kernel_size", None)
+    if kernel is None or math.prod(kernel) == 1 or any(s != 1 for s in module.stride):
+        return layer.sym_macs
+    channels = layer.d // math.prod(kernel)
+    offsets = (math.prod(2 * k - 1 for k in kernel) + 1) // 2  # δ and −δ give transposed blocks
+    return layer.groups * layer.rows_per_sample * offsets * channels * channels
 
 
 if __name__ == "__main__":  # print the census of both models

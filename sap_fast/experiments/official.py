@@ -3,7 +3,7 @@
 What github.com/sangamesh-kodge/SAP does (read in its Verifix copy, the same code; utils.py:
 ``get_representation_matrix_mislabeled``, ``get_SVD``, ``get_scaled_feature_mat``,
 ``get_projections``; models/model_utils.py, models/vit.py) with projection location "pre" and
-type "Mr" (../shared/methods.md §1.2-1.4):
+type "Mr" (its steps and defaults: docs/methods.md#official-sap):
 
 1. **Gather.** Stack the N trusted inputs on the model's device; one forward pass of the
    eval-mode model in batches of ``max_batch_size``. Every covered layer's input rows are formed
@@ -50,8 +50,6 @@ The caller's model is not modified (hooks are removed, train/eval flags restored
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -60,10 +58,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from sap_fast import reference as _ref  # noqa: E402
-from sap_fast.capture import heads_before_out_proj  # noqa: E402
-from sap_fast._runtime.layers import CONV_TYPES, all_targets  # noqa: E402
+from .. import reference as _ref
+from .._runtime.layers import CONV_TYPES, all_targets
+from ..capture import heads_before_out_proj
 
 __all__ = ["official_correct", "OfficialResult", "importance", "per_batch_cap"]
 

@@ -1,0 +1,31 @@
+"""The one preamble of every test module of a Triton kernel: import the kernel module where it
+can run, or skip the whole module saying why.
+
+Without CUDA the kernels run in Triton's CPU interpreter. ``@triton.jit`` reads
+``TRITON_INTERPRET`` when a kernel module is imported, so tests/conftest.py sets it before any
+test module is imported; a kernel module imported before that (by a plugin, or with the
+variable set to something else) cannot run here, and the skip reason says so.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import List, Tuple
+
+import pytest
+import torch
+
+
+def kernel_module(name: str) -> Tuple[object, List[str]]:
+    """``(sap_fast.backends.triton.<name>, devices)``: the devices its tests run on, ``"cpu"``
+    under the interpreter and ``"cuda"`` where a GPU is visible. Skips the calling test module
+    when Triton is missing or there is nowhere to run."""
+    full = f"sap_fast.backends.triton.{name}"
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+    module = importlib.import_module(full)
+    devices = (["cpu"] if module.interpreted() else []) + (["cuda"] if torch.cuda.is_available() else [])
+    if not devices:
+        why = (f"{full} was imported before TRITON_INTERPRET=1 was set (set it in tests/conftest.py or "
+               "the environment)" if os.environ.get("TRITON_INTERPRET") == "1" else "TRITON_INTERPRET is not 1")
+        pytest.skip(f"no CUDA and no Triton interpreter: {why}", allow_module_level=True)
+    return module, devices

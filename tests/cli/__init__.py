@@ -1,0 +1,1 @@
+"""The ``sap-fast`` command, its run report and its file writes."""

@@ -1,0 +1,74 @@
+"""The GPU benchmark scripts, benchmarks/gpu_gram.py (floors, Wp errors, default choice) and
+benchmarks/gpu_e2e.py (stages, both solvers), run at smoke size on the CPU, each in a fresh
+process as on the GPU machine (started early: tests/prestart.py), so that a GPU run does not find
+a broken script. The numbers themselves mean something only on a GPU; what is asserted here are
+properties a wrong script would break. The scripts' own rules are unit-checked beside them, in
+benchmarks/test_scripts.py."""
+import json
+import os
+import sys
+
+import pytest
+
+import prestart
+from sap_fast.experiments import zoo
+from sap_fast.sweep import DEFAULT_ALPHAS
+from support import REPO_ROOT
+
+WP_LIMIT = 1e-4  # benchmarks/gpu_gram.py: the default mode keeps Wp within this relative error
+
+
+def script(name: str, *args: str):
+    """``python benchmarks/<name>.py --tiny --models resnet50 --no-official *args --out {out}/<name>.json``
+    with one torch thread, started early (tests/prestart.py)."""
+    argv = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", f"{name}.py"), "--tiny", "--models", "resnet50",
+            "--no-official", *args, "--out", os.path.join("{out}", f"{name}.json")]
+    return prestart.command(name, argv, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+GRAM = script("gpu_gram", "--modes", "fp64,fp32", "--wp-max-d", "64")
+E2E = script("gpu_e2e")
+
+
+def results(command) -> dict:
+    run = command.result()
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(os.path.join(run.out, f"{command.name}.json"), encoding="utf-8") as f:
+        return json.load(f)["results"]["resnet50"]
+
+
+@pytest.mark.slow
+@pytest.mark.prestart("gpu_gram")
+def test_gram_script_smoke():
+    res = results(GRAM)
+    assert res["source"] in ("torchvision", "sap_fast.experiments.zoo")
+    assert 0 < res["gram_tflop_shift"] < res["gram_tflop_sym"]
+    # the shift-form count is the census's, over the distinct Grams, for every sample
+    model = zoo.build("resnet50", device="meta", image_size=res["image_size"])
+    census = zoo.census(model, res["image_size"])
+    shift = sum(zoo.shift_macs(model, layer) for layer in census.distinct())
+    assert res["gram_tflop_shift"] == pytest.approx(2 * shift * res["samples"] / 1e12)
+    assert res["gram_tflop_sym"] == pytest.approx(census.gram_flops(res["samples"], symmetric=True) / 1e12)
+    for mode, row in res["modes"].items():
+        assert row["floor_shift_s"] < row["floor_sym_s"]
+        assert row["ratio"] == pytest.approx(row["gram_s"] / row["floor_shift_s"])
+    fp32 = res["modes"]["fp32"]["wp_error"]
+    assert set(fp32) == {"1000", "30000", "1e+06"}
+    assert all(0 < e["median"] <= e["max"] < 1e-2 for e in fp32.values())  # float32 sums: small, not 0
+    # the default: the fastest mode whose Wp error stays within the limit at every α
+    modes = res["modes"]
+    within = [m for m, row in modes.items() if all(e["max"] <= WP_LIMIT for e in row["wp_error"].values())]
+    assert "fp64" in within and res["default_mode"] == min(within, key=lambda m: modes[m]["gram_s"])
+
+
+@pytest.mark.slow
+@pytest.mark.prestart("gpu_e2e")
+def test_e2e_script_smoke_both_solvers_agree():
+    res = results(E2E)
+    eigh, chol = res["eigh"], res["cholesky"]
+    assert set(eigh["update_s"]) == {"None", *map(str, DEFAULT_ALPHAS)}
+    assert eigh["val_accuracy"] == chol["val_accuracy"]  # the same weights, so the same predictions
+    assert eigh["sweep_call_best_alpha"] == chol["sweep_call_best_alpha"]
+    for row in (eigh, chol):
+        assert row["sweep_s"] >= res["stats_s"] + row["setup_s"]
+        assert row["correct_s"] > res["stats_s"]
