@@ -6,7 +6,8 @@
 Same options as ``sap-fast compare`` (this only changes where the results go):
 benchmarks/results/compare/compare.{json,md,png}. Each method's hyperparameters are searched on
 the noisy validation split (trials counted), selection included in its wall time; see
-sap_fast/compare.py for the budgets and grids, and benchmarks/README.md for the table.
+sap_fast/experiments/compare.py for the budgets and grids, docs/methods.md for the methods, and
+benchmarks/README.md for the table.
 """
 import os
 import sys

@@ -300,7 +300,7 @@ def spread(costs: Sequence[float], shapes: Sequence[Sequence[Tuple[tuple, torch.
     return results  # type: ignore[return-value]
 
 
-# -- sharding helpers -----------------------------------------------------------------------------
+# -- sharding: this rank's sample ids -------------------------------------------------------------
 def shard(n: int, process_group=None) -> torch.Tensor:
     """This rank's contiguous block of ``range(n)`` (the global ids of its samples); all of it
     outside a distributed job. Blocks in rank order tile ``range(n)``, so the default global ids

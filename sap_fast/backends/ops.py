@@ -1,5 +1,5 @@
 """Shape functions ("fakes") for the native ops, so ``torch.compile``/``opcheck`` can trace them
-without running them. Imported by :mod:`sap_fast.backend` once ``sap_fast._C`` has loaded; the
+without running them. Imported by :mod:`sap_fast.backends.native` once ``sap_fast._C`` has loaded; the
 ops themselves are ``torch.ops.sap_fast.conv_gram`` / ``conv_gram_shift`` / ``eigh``
 (schemas in ``csrc/sap_fast.cpp``)."""
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 ``model`` is never changed (a corrected copy comes back; ``inplace=True`` changes it instead),
 ``retain`` and ``forget`` are labelled data (an ``(inputs, targets)`` pair, a Dataset or a
-DataLoader), the defaults are the papers' (see each module and ``shared/methods.md``), ``seed``
+DataLoader), the defaults are the papers' (see each module and ``docs/methods.md``), ``seed``
 fixes every random choice (a fixed seed gives the same weights on CPU), and a bad
 hyperparameter is a one-line error naming the method. For label-noise correction the forget
 set is :func:`sap_fast.select_suspects` and the retain set :func:`sap_fast.select_trusted`.

@@ -4,6 +4,8 @@ No forget set. Cross-entropy, SGD (momentum 0.9, weight decay 5e-4). The epochs 
 of the SAP paper's runs are not public; the defaults are the common reference (10 epochs, lr
 0.01, as in Unlearn-Sparse and the SCRUB notebooks). With ``val`` given, the epoch with the best
 validation accuracy is kept, as the SAP paper's protocol does.
+
+Steps, defaults and sources: ``docs/methods.md#finetune``.
 """
 from __future__ import annotations
 

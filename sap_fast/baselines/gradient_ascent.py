@@ -4,6 +4,8 @@ Minimises −CE over mini-batches of the forget set, in train mode, SGD momentum
 5e-4. Defaults: batch 256, lr 1e-4, 5 epochs (the reference's MultiStepLR milestones 91/136 leave
 the rate constant). The ascent is unbounded: ``max_grad_norm`` clips it, and a loss that becomes
 non-finite stops the run with an error rather than returning NaN weights.
+
+Steps, defaults and sources: ``docs/methods.md#gradient-ascent``.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """ManiF-SMC: push each forget sample's representation away from the centroid of its nearest
 retained neighbours while pulling a neighbour towards it, with a margin from self mode
-connectivity (Wang et al., KDD 2026, arXiv 2605.22871; ``shared/methods.md`` §6).
+connectivity (Wang et al., KDD 2026, arXiv 2605.22871; ``docs/methods.md#manif-smc``).
 
 Pre-computation on the original model θ_o (eval mode, no grad): the representation z(x) of every
 retain and forget sample, normalised ẑ = z/‖z‖; for each forget sample x_f its k retained
@@ -14,18 +14,18 @@ the clamp applied to the batch mean (code), x_p a positive from S_k(x_f): one me
 random per use (``positive="random"``, paper/rebuttal) or the top-1 neighbour (``"top1"``, code).
 Defaults (code): k = 5, s = 0.1 (MNIST), Adam lr 5e-4, batch 16, 1 epoch, fixed margin 0.001.
 
-[INTERPRETATION] (methods.md §6 "Corrective use"): z of an ordinary classifier is the input of
-its last ``nn.Linear`` (the one called last in a forward pass: the penultimate features),
-flattened, or the input of the module named ``feature_layer``; the method was designed for
-MMCR-trained VIB latents, so expect weaker behaviour on a plain classifier.
+[INTERPRETATION] (``docs/methods.md#manif-smc``, corrective use): z of an ordinary classifier is
+the input of its last ``nn.Linear`` (the one called last in a forward pass: the penultimate
+features), flattened, or the input of the module named ``feature_layer``; the method was
+designed for MMCR-trained VIB latents, so expect weaker behaviour on a plain classifier.
 
 Margins m (``margin=``):
-- ``"smc"`` [INTERPRETATION] (methods.md §6): once per epoch, a quadratic Bézier path
-  φ(t) = (1−t)²θ_u + 2t(1−t)w + t²θ_o between the current model θ_u and θ_o; the control point
-  w starts at (θ_u+θ_o)/2 and takes ``w_steps`` Adam steps (lr ``w_lr``) of CE on mini-batches
-  (``w_batch_size``) of the neighbour union ∪S_k with their own labels, evaluated at φ(0.5), θ_u
-  and θ_o frozen, in train mode on a private copy of the buffers (so BN statistics are
-  recalibrated for φ(0.5) and the model's own are untouched). Per forget sample
+- ``"smc"`` [INTERPRETATION] (``docs/methods.md#manif-smc``): once per epoch, a quadratic Bézier
+  path φ(t) = (1−t)²θ_u + 2t(1−t)w + t²θ_o between the current model θ_u and θ_o; the control
+  point w starts at (θ_u+θ_o)/2 and takes ``w_steps`` Adam steps (lr ``w_lr``) of CE on
+  mini-batches (``w_batch_size``) of the neighbour union ∪S_k with their own labels, evaluated at
+  φ(0.5), θ_u and θ_o frozen, in train mode on a private copy of the buffers (so BN statistics
+  are recalibrated for φ(0.5) and the model's own are untouched). Per forget sample
   m_i = d(z_φ(x_f), c) − mean_{x∈S_k} d(z_φ(x), c) at φ(0.5) in eval mode (mean over S_k since
   the positive is drawn per use); a batch uses the mean of its m_i.
 - ``"random"`` (public code): m = d(z_c(x_f), c) − d(z_c(x_p), c) at θ_c = ½θ_current + ½w_rand,

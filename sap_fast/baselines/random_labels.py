@@ -4,6 +4,8 @@ Each epoch is one pass over the forget set, every batch given fresh labels drawn
 all K classes (a draw may equal the given label), then one pass over the retain set with its own
 labels: the CIFAR-10 code's loop. Cross-entropy, SGD momentum 0.9, weight decay 5e-4. Defaults:
 10 epochs, lr 0.013 (the CIFAR-10 setting), batch 256.
+
+Steps, defaults and sources: ``docs/methods.md#random-labels``.
 """
 from __future__ import annotations
 

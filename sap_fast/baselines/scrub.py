@@ -29,6 +29,8 @@ zero gradient); without BatchNorm (whose train/eval difference separates the two
 weight decay and the retain steps move the student off it, after which the max steps widen the
 gap quickly, so results are very sensitive to lr. SCRUB+R (checkpoint selection by forget error)
 is not implemented.
+
+Steps, defaults and sources: ``docs/methods.md#scrub``.
 """
 from __future__ import annotations
 

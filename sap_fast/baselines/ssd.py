@@ -16,7 +16,7 @@ reference code (α would clash with SAP's α). Defaults are the paper's ResNet-1
 D: the reference uses the full training set; here D defaults to retain ∪ forget, iterated as the
 retain batches followed by the forget batches, the same batch size for both (the reference
 batches the concatenation, so its one boundary batch mixes the two; that the SAP paper's D was
-this union is [UNVERIFIED], see shared/methods.md §3). Pass ``full_train`` to use other data.
+this union is [UNVERIFIED], see docs/methods.md#ssd). Pass ``full_train`` to use other data.
 Importance magnitudes depend on the batch size, hence one batch size for D and D_f. Batches are
 in data order as in the reference (``shuffle=True`` reshuffles them with ``seed``).
 

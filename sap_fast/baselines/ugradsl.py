@@ -1,5 +1,5 @@
 """UGradSL and UGradSL+: gradient ascent on the forget set with negative label smoothing, mixed
-with gradient descent on the retain set (Di et al., arXiv 2406.07698; ``shared/methods.md`` §5).
+with gradient descent on the retain set (Di et al., arXiv 2406.07698; ``docs/methods.md#ugradsl``).
 
 Generalised label smoothing (GLS) with rate α ∈ (−∞, 1] uses the soft target
 ỹ = (1 − α)·e_y + (α/K)·𝟙, i.e. ℓ_GLS = (1 − α)(−log p_y) + α·(1/K)Σ_k(−log p_k); α < 0 is
@@ -14,12 +14,12 @@ A term whose weight is 0 (β = 0 or β = 1) is not computed at all, so β = 1 is
 descent and β = 0, α = 0 is exactly :func:`gradient_ascent` (same forget batches for the same
 seed: the forget order has its own generator, seeded like gradient_ascent's).
 
-[UNVERIFIED] in methods.md: the weighting (the NegGrad+ form β/(1−β) of the SCRUB repo) and all
-defaults; the official code was not retrievable. The defaults here are OUR choice, picked on the
+[UNVERIFIED]: the weighting (the NegGrad+ form β/(1−β) of the SCRUB repo) and all defaults;
+the official code was not retrievable. The defaults here are OUR choice, picked on the
 8x8-digits demo (25% symmetric noise, 600 trusted / 120 suspects, three noisy models):
-α = −1.0 and β = 0.99 (ends of the methods.md lists), 10 epochs, and batch 64 / lr 0.03, which
-lie outside methods.md's proposal (batch 256, lr ≤ 1e-2): those changed nothing or lowered test
-accuracy there. With the defaults UGradSL+ gained 2–12 points of test accuracy; UGradSL (one
+α = −1.0 and β = 0.99 (ends of the search lists in docs/methods.md#ugradsl), 10 epochs, and
+batch 64 / lr 0.03, which lie outside that search (batch 256, lr ≤ 1e-2): those changed nothing
+or lowered test accuracy there. With the defaults UGradSL+ gained 2–12 points of test accuracy; UGradSL (one
 step per forget batch) lost 5–8. Tune them on validation data.
 α is allowed anywhere in (−∞, 1] (α > 0 is ordinary smoothing, α = 0 plain CE); the method
 itself uses α < 0.

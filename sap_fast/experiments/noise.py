@@ -1,4 +1,4 @@
-"""Synthetic label noise, as in the SAP experiments (methods.md section 8).
+"""Synthetic label noise, as in the SAP experiments (``docs/methods.md#label-noise``).
 
 Every protocol corrupts an *exact* number of labels, so counts are reproducible, and is a pure
 function of its inputs and ``seed`` (a private ``torch.Generator``; the global RNG is untouched).

@@ -189,7 +189,7 @@ def _conv_gram_kernel(
                                            dil0, dil1, dil2, xs_c, xs_0, xs_1, xs_2, BLOCK_D)
 
     # tl.full, not tl.zeros: a builtin, so the kernel also interprets when triton itself was
-    # imported before TRITON_INTERPRET=1 (tl.zeros is a @jit helper decorated at that import)
+    # imported before TRITON_INTERPRET=1 (tl.zeros is itself a @jit function, decorated at that import)
     if MODE == 0:
         acc = tl.full((BLOCK_D, BLOCK_D), 0.0, dtype=tl.float64)
     else:
@@ -431,7 +431,7 @@ def conv_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: i
     geo = _check(x, kernel_size, stride, padding, dilation, groups, precision)
     if x.device.type == "cpu" and not interpreted():
         raise ValueError("conv_gram: CPU tensors need TRITON_INTERPRET=1 set before importing "
-                         "sap_fast.kernels.gram_triton; use conv_gram_reference on CPU")
+                         "sap_fast.backends.triton.gram; use conv_gram_reference on CPU")
     default = default_config(geo.width, precision)
     block_d = _positive("block_d", block_d, default["block_d"], power_of_two=True)
     block_k = _positive("block_k", block_k, default["block_k"], power_of_two=True)

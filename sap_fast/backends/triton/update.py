@@ -73,7 +73,7 @@ def _scaled_update_kernel(
     e_ptrs = e_ptr + g * e_g_stride
 
     # tl.full, not tl.zeros: a builtin, so this kernel also interprets when triton itself was
-    # imported before TRITON_INTERPRET=1 (tl.zeros is a @jit helper decorated at that import)
+    # imported before TRITON_INTERPRET=1 (tl.zeros is itself a @jit function, decorated at that import)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=wu_ptr.dtype.element_ty)
     for k0 in range(0, R, BLOCK_K):
         k = k0 + offs_k
@@ -198,7 +198,7 @@ def scaled_update(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor, e
     alpha, full = _check(weight, wu, basis, eigvals, alpha, full)
     if weight.device.type == "cpu" and not interpreted():
         raise ValueError("scaled_update: CPU tensors need TRITON_INTERPRET=1 set before importing "
-                         "sap_fast.kernels; use scaled_update_reference on CPU")
+                         "sap_fast.backends.triton.update; use scaled_update_reference on CPU")
     groups, out, d = weight.shape
     r = basis.shape[-1]
     result = torch.empty((groups, out, d), dtype=weight.dtype, device=weight.device)
