@@ -13,6 +13,7 @@ description; this file only drives it). Environment:
     MAX_JOBS                 parallel compile jobs
     SAP_FAST_DEBUG=1         -O0 -g build
 """
+import glob
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -119,8 +121,42 @@ class CMakeBuild(build_ext):
         subprocess.run(build, check=True, env=env)
 
 
+class BuildPyWithKernelSources(build_py):
+    """build_py that also ships the CUDA kernel sources which sap_fast/backends/nvrtc.py compiles
+    at run time (cupy + NVRTC, for machines without nvcc): csrc/cuda/*.cuh are copied into the
+    built package as sap_fast/backends/csrc/cuda/, so an installed wheel finds them. The source
+    tree keeps one copy, csrc/, which the CMake build reads and an editable install finds in
+    place: nothing is copied for an editable install."""
+
+    KERNEL_DIR = os.path.join("sap_fast", "backends", "csrc", "cuda")
+
+    def _kernel_sources(self):
+        return sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")))
+
+    def _kernel_targets(self):
+        if getattr(self, "editable_mode", False):
+            return []
+        return [os.path.join(self.build_lib, self.KERNEL_DIR, os.path.basename(source))
+                for source in self._kernel_sources()]
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        if not self._kernel_sources():
+            self.warn("csrc/cuda/*.cuh not found: the package will not ship the kernel sources "
+                      "(the cupy/NVRTC Gram kernel will be unavailable)")
+        for source, target in zip(self._kernel_sources(), self._kernel_targets()):
+            self.mkpath(os.path.dirname(target))
+            self.copy_file(source, target, preserve_mode=False)
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + self._kernel_targets()
+
+
 setup(
-    # metadata, dependencies and extras: pyproject.toml; this only adds the native module
+    # metadata, dependencies and extras: pyproject.toml; this only adds the native module and
+    # the kernel sources the cupy backend compiles
     ext_modules=[Extension("sap_fast._C", sources=[])],  # built by CMakeBuild
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithKernelSources},
 )

@@ -13,6 +13,7 @@ import torch
 
 from . import distributed
 from ._runtime.checks import resolve_group
+from .backends import batched_linalg
 from .backends.native import native_cuda
 from .stats import LayerStats, Stats
 
@@ -46,7 +47,9 @@ def importance(s: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def layer_spectrum(record: LayerStats) -> LayerSpectrum:
     """Dispatch point of the spectrum stage, always float64: the native cuSOLVER entry point for
-    CUDA Grams when the extension has CUDA, torch.linalg otherwise.
+    CUDA Grams when the extension has CUDA, torch.linalg otherwise; cuSOLVER's syevjBatched
+    through cupy for CUDA batches of n ≤ 32 only when ``SAP_FAST_BATCHED_EIGH=cupy`` (off by
+    default until a GPU measurement shows it wins: :mod:`sap_fast.backends.batched_linalg`).
 
     A float32 Gram is decomposed in float64 too: its rounding is already done, but a float32
     ``eigh`` would add 10-30x more error on the small eigenvalues that large α depends on.
@@ -56,7 +59,9 @@ def layer_spectrum(record: LayerStats) -> LayerSpectrum:
         return LayerSpectrum(sigma.square(), vh.transpose(-1, -2))
     gram = record.gram.double()
     gram = (gram + gram.transpose(-1, -2)) / 2  # exact symmetry; eigh reads one triangle anyway
-    if gram.is_cuda and native_cuda():  # cuSOLVER: batched syevj / syevd on streams
+    if batched_linalg.use_for_eigh(gram):  # opt-in: one syevjBatched call for the whole batch
+        eigvals, basis = batched_linalg.eigh(gram)
+    elif gram.is_cuda and native_cuda():  # cuSOLVER: batched syevj / syevd on streams
         eigvals, basis = torch.ops.sap_fast.eigh(gram)
     else:
         eigvals, basis = torch.linalg.eigh(gram)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA sources without a GPU and without linking: every csrc/cuda/*.cu, plus
 # each csrc/cuda/*.cuh on its own (a generated .cu that includes it and, for the conv Gram
-# kernels, instantiates them for float and double). Catches syntax, type and template errors on
-# a CPU-only machine; says nothing about numerics (the GPU tests do that).
+# kernels, instantiates them for float and double). Then the kernel sources the cupy backend
+# compiles at run time, through NVRTC as it does (tools/check_nvrtc.py: one line per file and
+# architecture; it installs cupy-cuda13x and the NVRTC wheel into $PYTHON when they are missing).
+# Catches syntax, type and template errors on a CPU-only machine; says nothing about numerics
+# (the GPU tests do that).
 #
 #   tools/check_cuda.sh                      # from anywhere; one line per file, exit 1 on failure
 #
@@ -12,6 +15,7 @@
 #   SAP_FAST_CUDA_HEADERS  a directory holding cusolverDn.h / cublas_api.h (skips the fetch).
 #   SAP_FAST_HEADER_CACHE  where fetched headers go; default build/cuda-headers.
 #   NVCC                   the nvcc to use; default nvcc on PATH.
+#   SAP_FAST_NVRTC_ARCH    architectures of the NVRTC check; default "sm_80 sm_90".
 #
 # The cuSOLVER/cuBLAS headers are not part of the nvcc-only toolkit on the CPU machines. When the
 # toolkit lacks them, they are taken from the nvidia-cusolver / nvidia-cublas wheels (CUDA 13
@@ -137,5 +141,8 @@ for source in "$ROOT"/csrc/cuda/*.cu; do
   [[ -e "$source" ]] || continue
   check "csrc/cuda/$(basename "$source")" "$source"
 done
+
+# The same kernels as the cupy backend builds them (NVRTC: no host headers, device code only).
+"$PYTHON" "$ROOT/tools/check_nvrtc.py" || failed=1
 
 exit "$failed"

@@ -2,7 +2,13 @@
 // row r of the patch matrix R is one (sample, output position) and R is never stored.
 //
 // Only CUDA runtime headers here (no torch), so the file compile-checks in a second and can be
-// reused from any binding; csrc/cuda/conv_gram.cu is the torch-facing launcher.
+// reused from any binding. Two compilers read it:
+//   nvcc    through csrc/cuda/conv_gram.cu, the torch-facing launcher of the CMake build;
+//   NVRTC   at run time through cupy (sap_fast/backends/nvrtc.py), on machines with torch from a
+//           wheel and no CUDA toolkit. NVRTC has no host headers (no cuda_runtime.h, no <cstdint>)
+//           and compiles device code only, so the includes and the host-side launchers at the end
+//           are guarded by __CUDACC_RTC__; the Python launcher mirrors those launchers (grid,
+//           split-K, mirror) and tools/check_cuda.sh compiles the file both ways.
 //
 // Layout. x is a contiguous (N, C, D, H, W) tensor (1-D and 2-D convs pass size-1 leading spatial
 // dims and size-1 kernels). Group g owns channels [g·Cg, (g+1)·Cg). The Gram is (groups, d, d)
@@ -25,11 +31,19 @@
 // row decomposition, shift trick for stride-1 3×3) comes later and should keep the contract.
 #pragma once
 
+#ifndef __CUDACC_RTC__
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#endif
 
 namespace sap_fast::cuda {
+
+#ifdef __CUDACC_RTC__
+// NVRTC has no <cstdint>: the one fixed-width type used below, from a built-in type of the same
+// width, declared inside this namespace so it can clash with nothing a caller defines.
+using int64_t = long long;
+#endif
 
 // Everything the kernels need to know about one conv_gram call. Sizes are int64 because
 // N·positions·C can exceed 2^31 (activations of a large batch), and offsets are built from them.
@@ -256,8 +270,11 @@ __global__ void mirror_upper_to_lower_kernel(acc_t* __restrict__ gram, int64_t w
 
 // ---------------------------------------------------------------------------------------------
 // Host-side launch functions (no torch): the caller zeroes `gram`, launches the tiles, then the
-// mirror, on one stream, checking each launch.
+// mirror, on one stream, checking each launch. Not for NVRTC (device code only, no <<<>>>):
+// sap_fast/backends/nvrtc.py launches the same kernels with the same grid, and keeps a copy of
+// choose_rows_per_split and conv_gram_grid_fits that must change with them.
 // ---------------------------------------------------------------------------------------------
+#ifndef __CUDACC_RTC__
 
 // Row ranges per tile (split-K). Enough blocks to fill the GPU a few times over, but never a
 // range so short that the atomicAdds of its tile outweigh its multiply-adds.
@@ -311,5 +328,7 @@ inline void launch_mirror_upper_to_lower(acc_t* gram, int64_t width, int64_t mat
   const unsigned blocks = static_cast<unsigned>(wanted < 65535 ? (wanted > 0 ? wanted : 1) : 65535);
   mirror_upper_to_lower_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(gram, width, matrices);
 }
+
+#endif  // __CUDACC_RTC__
 
 }  // namespace sap_fast::cuda

@@ -10,16 +10,21 @@ Kernels:
 - ``"shift"``: the C++ shift-correlation Gram (``torch.ops.sap_fast.conv_gram_shift``), for
   stride-1 convs with a kernel larger than 1 on the CPU;
 - ``"cuda"``: the implicit-im2col CUDA kernel (``torch.ops.sap_fast.conv_gram``), convs on a GPU;
+- ``"cupy"``: the same CUDA kernel compiled at run time by NVRTC through cupy (:mod:`.nvrtc`),
+  convs on a GPU whose install has no CMake-built CUDA kernels (torch from a wheel, no toolkit);
 - ``"triton"``: the Triton implicit-im2col kernel (:mod:`.triton.gram`), convs, and linear
   layers as 1×1 convs;
 - ``"torch-shift"``: the shift-correlation form in torch weight-gradient convs (:mod:`.shift`,
   cuDNN on a GPU).
 
 ``SAP_FAST_GRAM_KERNEL`` (GPU, fp32/fp64 Grams): ``auto`` (default: the CUDA kernel for convs,
-cuBLAS on the streamed rows for linear layers), ``cuda``, ``triton`` (Triton for both: it
-computes only the upper triangle, half of cuBLAS's full product for ViT's linear layers), or
-``shift`` (stride-1 1-D/2-D convs by :mod:`.shift` where it does fewer multiply-adds). The
-tf32/bf16 modes exist only as Triton kernels.
+CMake-built if present, else through NVRTC if cupy runs, else Triton; cuBLAS on the streamed
+rows for linear layers), ``cuda``, ``cupy`` (the NVRTC build of the CUDA kernel even where the
+CMake-built one is present), ``triton`` (Triton for both: it computes only the upper triangle,
+half of cuBLAS's full product for ViT's linear layers), or ``shift`` (stride-1 1-D/2-D convs by
+:mod:`.shift` where it does fewer multiply-adds). A choice that cannot run here falls back to
+what ``auto`` picks (``triton`` to the portable path). The tf32/bf16 modes exist only as Triton
+kernels.
 """
 from __future__ import annotations
 
@@ -33,11 +38,11 @@ from torch import nn
 
 from .._runtime.geometry import conv_padding, pad_mode, padded_size
 from .._runtime.layers import CONV_TYPES
-from . import shift, triton
+from . import nvrtc, shift, triton
 from .native import native, native_cuda
 from .precision import kernel_mode
 
-KERNEL_CHOICES = ("auto", "cuda", "triton", "shift")
+KERNEL_CHOICES = ("auto", "cuda", "cupy", "triton", "shift")
 
 
 def kernel_choice() -> str:
@@ -50,15 +55,17 @@ def kernel_choice() -> str:
 
 def route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: bool,
           stride_one_spatial: bool = False, shift_pays: bool = False, native_cpu: bool = False,
-          native_cuda: bool = False, triton_ok: bool = False, choice: str = "auto") -> Optional[str]:
+          native_cuda: bool = False, cupy_ok: bool = False, triton_ok: bool = False,
+          choice: str = "auto") -> Optional[str]:
     """Which kernel computes one call's Gram, or None (stream rows on the portable path).
 
     GPU modes: fp64 (float64 Gram of fp32 inputs) and fp32 go to the CUDA kernel for convs and
-    to cuBLAS for linear layers; ``choice="triton"`` sends both to Triton, as does a conv on an
-    extension without CUDA kernels; ``choice="shift"`` sends a conv to ``"torch-shift"`` where
-    ``shift_pays``. tf32 and bf16 (float32 Gram) go only to Triton, which runs them on tensor
-    cores. tf32/bf16 inputs with a float64 Gram, and everything on the CPU but the shift
-    kernel, stream rows (rounded as asked).
+    to cuBLAS for linear layers. The CUDA kernel is the CMake-built one (``native_cuda``), else
+    its NVRTC build (``cupy_ok``), else Triton; ``choice="cupy"`` prefers the NVRTC build,
+    ``choice="triton"`` sends convs and linear layers to Triton, ``choice="shift"`` sends a conv
+    to ``"torch-shift"`` where ``shift_pays``. tf32 and bf16 (float32 Gram) go only to Triton,
+    which runs them on tensor cores. tf32/bf16 inputs with a float64 Gram, and everything on the
+    CPU but the shift kernel, stream rows (rounded as asked).
     """
     if device_type == "cpu":
         return "shift" if (conv and native_cpu and stride_one_spatial and input_precision == "fp32") else None
@@ -72,8 +79,13 @@ def route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: b
         return "triton"
     if choice == "shift" and shift_pays:
         return "torch-shift"  # elsewhere, what "auto" picks
-    if native_cuda and choice != "triton":
-        return "cuda"
+    if choice == "cupy" and cupy_ok:
+        return "cupy"
+    if choice != "triton":  # a "triton" that cannot run streams rows, as before
+        if native_cuda:
+            return "cuda"
+        if cupy_ok:  # the same kernel without the CMake build
+            return "cupy"
     return "triton" if triton_ok else None
 
 
@@ -89,11 +101,16 @@ def _route_call(module: nn.Module, x: torch.Tensor, dtype: torch.dtype,
     on_cuda = x.device.type == "cuda"
     choice = _choice_for(x)
     stride_one = conv and all(s == 1 for s in module.stride) and math.prod(module.kernel_size) > 1
+    has_native_cuda = on_cuda and native_cuda()
+    # cupy is imported (once) only where route could pick it: a GPU conv in fp32 inputs, with no
+    # CMake-built CUDA kernel or with SAP_FAST_GRAM_KERNEL=cupy
+    cupy_ok = (on_cuda and conv and input_precision == "fp32" and choice != "triton"
+               and (choice == "cupy" or not has_native_cuda) and nvrtc.available())
     return route(
         x.device.type, dtype, input_precision, conv=conv, stride_one_spatial=stride_one,
         shift_pays=(choice == "shift" and stride_one and len(module.kernel_size) <= 2
                     and shift.pays(padded_size(module, x), module.kernel_size, module.dilation)),
-        native_cpu=native() is not None, native_cuda=on_cuda and native_cuda(),
+        native_cpu=native() is not None, native_cuda=has_native_cuda, cupy_ok=cupy_ok,
         triton_ok=on_cuda and triton.compiled("gram") is not None, choice=choice)
 
 
@@ -128,6 +145,8 @@ def gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elements: i
     k, dil, stride = list(module.kernel_size), list(module.dilation), list(module.stride)
     if which == "cuda":
         return torch.ops.sap_fast.conv_gram(x, k, stride, padding, dil, module.groups, dtype)
+    if which == "cupy":
+        return nvrtc.conv_gram(x, k, stride, padding, dil, module.groups, dtype)
     if which == "triton":
         return triton.compiled("gram").conv_gram(x, k, stride, padding, dil, module.groups, mode)
     if which == "torch-shift":

@@ -1,0 +1,253 @@
+"""Batched cuSOLVER through cupy for many small matrices of one size: opt-in, off by default.
+
+Grouped and depthwise convs give many small Grams of one size per layer (MobileNetV3: dozens of
+9×9 and 25×25 groups; ConvNeXt-T's depthwise 7×7: 96 to 768 groups of 49×49). cuSOLVER has
+batched routines for exactly that, which torch does not call for every size:
+
+- :func:`eigh`: ``syevjBatched`` (Jacobi, the whole batch in one call; cuSOLVER offers it up to
+  n = 32), the contract of ``torch.linalg.eigh(gram)`` (``UPLO="L"``);
+- :func:`cholesky_ex`: ``potrfBatched`` (one call over an array of matrix pointers), the contract
+  of ``torch.linalg.cholesky_ex(m)``, for the solve route (:mod:`sap_fast.solve`).
+
+Neither is routed by default. The rule is to route a batch here only where a GPU measurement
+shows it beats ``torch.linalg.eigh`` / ``cholesky_ex`` (and the CMake-built eigh) on that batch;
+until one does (``benchmarks/gpu_cupy.py``), the default stays torch, and these run only when
+asked for:
+
+- ``SAP_FAST_BATCHED_EIGH``: ``auto`` (default: the CMake-built cuSOLVER op where built, else
+  ``torch.linalg.eigh``) or ``cupy`` (``syevjBatched`` for CUDA batches with n ≤ 32; larger ones
+  stay on the default);
+- ``SAP_FAST_BATCHED_CHOLESKY``: ``auto`` (default: ``torch.linalg.cholesky_ex``) or ``cupy``
+  (``potrfBatched`` for CUDA batches).
+
+Where cupy cannot run (see :func:`load`), ``cupy`` falls back to the default quietly;
+``backend_info()["cupy"]`` says why. Memory comes from torch's caching allocator, the calls are
+queued on torch's current stream; the argument handling (checks, layouts, workspace, pointer
+array) runs against any object with cupy's cuSOLVER binding names (:func:`syevj_batched`,
+:func:`potrf_batched`), which is how it is tested without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import cupy_runtime
+
+CHOICES = ("auto", "cupy")
+MAX_JACOBI_SIZE = 32  # syevjBatched's limit on n
+_INT_MAX = 2 ** 31 - 1
+# cuSOLVER / cuBLAS enums (cusolverEigMode_t, cublasFillMode_t), fixed by their C headers
+_EIG_MODE_VECTOR, _FILL_LOWER, _FILL_UPPER = 1, 0, 1
+_PREFIX = {torch.float32: "s", torch.float64: "d"}
+
+
+def _choice(variable: str) -> str:
+    value = os.environ.get(variable, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{variable}={value!r}: use one of {CHOICES}")
+    return value
+
+
+def eigh_choice() -> str:
+    """``SAP_FAST_BATCHED_EIGH`` (see the module docstring)."""
+    return _choice("SAP_FAST_BATCHED_EIGH")
+
+
+def cholesky_choice() -> str:
+    """``SAP_FAST_BATCHED_CHOLESKY`` (see the module docstring)."""
+    return _choice("SAP_FAST_BATCHED_CHOLESKY")
+
+
+@functools.lru_cache(maxsize=None)
+def _cusolver_probe():
+    try:
+        from cupy_backends.cuda.libs import cusolver  # loads the library (cuda-pathfinder)
+    except Exception as err:  # the cuSOLVER library (a CUDA wheel of torch brings one) not found
+        return None, (f"cupy cannot load cuSOLVER ({cupy_runtime.first_line(err)}); pip install "
+                      "nvidia-cusolver (CUDA 13; nvidia-cusolver-cu12 for cupy-cuda12x)")
+    return cusolver, None
+
+
+def load():
+    """(cupy's cuSOLVER binding, None) when the batched calls can run here, else (None, why)."""
+    cp, why = cupy_runtime.load()
+    if cp is None:
+        return None, why
+    return _cusolver_probe()
+
+
+def eigh_route(device_type: str, n: int, choice: str, cupy_ok: bool) -> str:
+    """``"cupy"`` (syevjBatched) or ``"default"`` (the spectrum stage's own choice) for one
+    float32/float64 batch of n×n Grams: cupy only when asked, on a GPU, for n ≤ 32."""
+    if choice == "cupy" and cupy_ok and device_type == "cuda" and 0 < n <= MAX_JACOBI_SIZE:
+        return "cupy"
+    return "default"
+
+
+def cholesky_route(device_type: str, choice: str, cupy_ok: bool) -> str:
+    """``"cupy"`` (potrfBatched) or ``"default"`` (``torch.linalg.cholesky_ex``)."""
+    return "cupy" if (choice == "cupy" and cupy_ok and device_type == "cuda") else "default"
+
+
+def use_for_eigh(gram: torch.Tensor) -> bool:
+    """Whether :func:`eigh` serves this Gram batch (never unless ``SAP_FAST_BATCHED_EIGH=cupy``:
+    with the default, cupy is not even imported)."""
+    choice = eigh_choice()
+    if choice != "cupy" or not gram.is_cuda or gram.dtype not in _PREFIX:
+        return False
+    return eigh_route(gram.device.type, gram.shape[-1], choice, load()[0] is not None) == "cupy"
+
+
+def use_for_cholesky(m: torch.Tensor) -> bool:
+    """Whether :func:`cholesky_ex` serves this batch (never unless
+    ``SAP_FAST_BATCHED_CHOLESKY=cupy``)."""
+    choice = cholesky_choice()
+    if choice != "cupy" or not m.is_cuda or m.dtype not in _PREFIX:
+        return False
+    return cholesky_route(m.device.type, choice, load()[0] is not None) == "cupy"
+
+
+# -- argument handling -------------------------------------------------------------------------
+
+def _check_batch(a: torch.Tensor, op: str, name: str, max_n: Optional[int] = None) -> Tuple[int, int]:
+    """(batch, n) of an (n, n) or (B, n, n) float32/float64 tensor, or a one-line ValueError."""
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(a).__name__}")
+    if a.dim() not in (2, 3) or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"{op}: {name} must be (n, n) or (B, n, n), got shape {tuple(a.shape)}")
+    if a.dtype not in _PREFIX:
+        raise ValueError(f"{op}: {name} must be float32 or float64, got {a.dtype}; cast it with .double()")
+    n = a.shape[-1]
+    batch = a.shape[0] if a.dim() == 3 else 1
+    if max_n is not None and n > max_n:
+        raise ValueError(f"{op}: syevjBatched takes n ≤ {max_n}, got n = {n}; use torch.linalg.eigh")
+    if n > _INT_MAX or batch > _INT_MAX:
+        raise ValueError(f"{op}: n and B must fit in int32 for cuSOLVER, got shape {tuple(a.shape)}")
+    return batch, n
+
+
+def syevj_batched(lib, handle: int, gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(eigenvalues ascending (B, n), eigenvectors as columns (B, n, n), info (B,) int32) of the
+    batch by ``{s,d}syevjBatched`` from ``lib`` (cupy's cuSOLVER binding) on ``handle``, whose
+    stream the caller has set. Queues the work and returns: ``info`` is read by the caller.
+
+    Layout: cuSOLVER is column-major. It gets a column-major copy of ``gram`` (``gram.mT`` made
+    contiguous: offset i + j·n holds gram[i, j]), so FILL_MODE_LOWER reads gram's lower triangle,
+    as ``torch.linalg.eigh`` does; it overwrites the copy with the eigenvectors as columns, i.e.
+    the buffer holds Vᵀ row-major, and V = buffer.mT.
+    """
+    batch, n = _check_batch(gram, "eigh", "gram", MAX_JACOBI_SIZE)
+    dtype, device = gram.dtype, gram.device
+    work = gram.reshape(batch, n, n).mT.clone(memory_format=torch.contiguous_format)
+    values = torch.empty((batch, n), dtype=dtype, device=device)
+    info = torch.zeros((batch,), dtype=torch.int32, device=device)
+    if batch and n:
+        prefix = _PREFIX[dtype]
+        params = lib.createSyevjInfo()
+        try:
+            # defaults: tolerance = machine epsilon, 100 sweeps; ascending order is the contract
+            lib.xsyevjSetSortEig(params, 1)
+            lwork = getattr(lib, f"{prefix}syevjBatched_bufferSize")(
+                handle, _EIG_MODE_VECTOR, _FILL_LOWER, n, work.data_ptr(), n, values.data_ptr(),
+                params, batch)
+            workspace = torch.empty((max(lwork, 1),), dtype=dtype, device=device)
+            getattr(lib, f"{prefix}syevjBatched")(
+                handle, _EIG_MODE_VECTOR, _FILL_LOWER, n, work.data_ptr(), n, values.data_ptr(),
+                workspace.data_ptr(), lwork, info.data_ptr(), params, batch)
+        finally:  # the parameters are read when the call is queued
+            lib.destroySyevjInfo(params)
+    vectors = work.mT.contiguous()
+    if gram.dim() == 2:
+        return values[0], vectors[0], info
+    return values, vectors, info
+
+
+def potrf_batched(lib, handle: int, m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(L, info) of the batch by ``{s,d}potrfBatched``, as ``torch.linalg.cholesky_ex(m)``
+    returns them: L lower-triangular with zeros above, ``info`` (B,) int32 (or a scalar for an
+    (n, n) input), k > 0 where the leading k×k minor is not positive definite.
+
+    Layout: the row-major copy of ``m`` is, to column-major cuSOLVER, mᵀ; FILL_MODE_UPPER then
+    reads mᵀ's upper triangle, which is m's lower one (as torch reads it), and writes U with
+    mᵀ = UᵀU there, i.e. Uᵀ = L in the row-major lower triangle. The strict upper triangle keeps
+    m's entries and is zeroed.
+    """
+    batch, n = _check_batch(m, "cholesky_ex", "m")
+    dtype, device = m.dtype, m.device
+    work = m.reshape(batch, n, n).clone(memory_format=torch.contiguous_format)
+    info = torch.zeros((batch,), dtype=torch.int32, device=device)
+    if batch and n:
+        # the array of matrix pointers, built on the device: no host round trip
+        step = n * n * work.element_size()
+        pointers = work.data_ptr() + torch.arange(batch, dtype=torch.int64, device=device) * step
+        # freed on return while the call may still be queued: the block goes back to torch's
+        # allocator for later work on this same stream, which runs after the call
+        getattr(lib, f"{_PREFIX[dtype]}potrfBatched")(
+            handle, _FILL_UPPER, n, pointers.data_ptr(), n, info.data_ptr(), batch)
+    factor = work.tril_()
+    if m.dim() == 2:
+        return factor[0], info[0]
+    return factor, info
+
+
+# -- the entry points ----------------------------------------------------------------------------
+
+def _handle(cp, tensor: torch.Tensor, lib) -> int:
+    """cupy's cuSOLVER handle for the tensor's device, set to torch's current stream there."""
+    handle = cp.cuda.device.get_cusolver_handle()
+    lib.setStream(handle, torch.cuda.current_stream(tensor.device).cuda_stream)
+    return handle
+
+
+def _runtime(op: str, tensor: torch.Tensor):
+    if not tensor.is_cuda:
+        raise ValueError(f"{op} (cupy): expected a CUDA tensor, got one on {tensor.device}")
+    lib, why = load()
+    if lib is None:
+        raise RuntimeError(f"{op} (cupy): {why}")
+    return cupy_runtime.load()[0], lib
+
+
+def eigh(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh(gram)`` by one ``syevjBatched`` call: ascending eigenvalues (B, n) and
+    orthonormal eigenvectors as columns (B, n, n) of the symmetric matrices defined by gram's
+    lower triangle; (n, n) gives (n,) and (n, n). CUDA float32/float64, n ≤ 32.
+
+    Reads ``info`` once (a host synchronisation, as ``torch.linalg.eigh`` makes) and raises
+    RuntimeError naming the first matrix that did not converge. Not routed by default: see the
+    module docstring (``SAP_FAST_BATCHED_EIGH=cupy``).
+    """
+    cp, lib = _runtime("eigh", gram)
+    _check_batch(gram, "eigh", "gram", MAX_JACOBI_SIZE)
+    with torch.cuda.device(gram.device), cp.cuda.Device(gram.device.index):
+        values, vectors, info = syevj_batched(lib, _handle(cp, gram, lib), gram)
+    check_info(info, "eigh (cupy syevjBatched)")
+    return values, vectors
+
+
+def cholesky_ex(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.cholesky_ex(m)`` by one ``potrfBatched`` call: (L, info), with no host
+    synchronisation (``info`` stays on the device; :func:`sap_fast.solve.check_infos` reads it
+    once per α). CUDA float32/float64, (n, n) or (B, n, n). Not routed by default: see the module
+    docstring (``SAP_FAST_BATCHED_CHOLESKY=cupy``)."""
+    cp, lib = _runtime("cholesky_ex", m)
+    _check_batch(m, "cholesky_ex", "m")
+    with torch.cuda.device(m.device), cp.cuda.Device(m.device.index):
+        return potrf_batched(lib, _handle(cp, m, lib), m)
+
+
+def check_info(info: torch.Tensor, op: str) -> None:
+    """Raise for the first nonzero ``info`` (one host read): > 0 did not converge, < 0 an
+    argument cuSOLVER rejected (a bug here)."""
+    host = info.reshape(-1).cpu()
+    bad = host.nonzero()
+    if len(bad):
+        index = int(bad[0])
+        value = int(host[index])
+        if value < 0:
+            raise RuntimeError(f"{op}: cuSOLVER rejected argument {-value} (internal error, please report)")
+        raise RuntimeError(f"{op} did not converge for matrix {index} (cuSOLVER info {value}); check the "
+                           "Gram for NaN/Inf, or retry in float64")
