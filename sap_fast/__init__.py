@@ -6,6 +6,8 @@ The pipeline, one module per stage: :func:`select_trusted` (:mod:`.select`) → 
 (:class:`Projector`, :func:`correct`; :mod:`.project`) → :func:`sweep` to choose α
 (:mod:`.sweep`); :mod:`.distributed` runs every stage over ``torch.distributed``.
 :mod:`sap_fast.reference` is the slow float64 oracle every fast path is tested against.
+The method step by step, its defaults and where they depart from the official code:
+``docs/methods.md#sap``; what it costs on ResNet-50 and ViT-B/16: ``docs/cost-census.md``.
 
 Below the core: :mod:`sap_fast.backends` (which kernel serves each stage, and the call) and
 ``sap_fast._runtime`` (running the model, data forms, layer coverage, checks, file writes).

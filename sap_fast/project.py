@@ -229,7 +229,7 @@ def correct(model: nn.Module, data=None, *, alpha: float = 30000.0, stats: Optio
             and every rank gets identical weights (the model must be the same on every rank).
         solver: ``"cholesky"`` (default: one Cholesky solve per layer, no eigendecomposition;
             :mod:`sap_fast.solve`) or ``"eigh"`` (the eigendecomposition route). Both give the
-            same weights to round-off (tests/core/test_solve.py).
+            same weights to round-off (the test suite's ``test_solve.py``).
 
     Returns:
         The corrected model (``model`` itself when ``inplace=True``). For the projector itself

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -32,6 +33,7 @@ class SweepRow:
     val_accuracy: float
     val_loss: float
     refined: bool = False    # found by alphas="auto" refinement
+    seconds: float = 0.0     # this candidate's update and validation pass
 
 
 @dataclass
@@ -41,6 +43,7 @@ class SweepResult:
     table: List[SweepRow]
     stats: Stats = field(repr=False)
     projector: Projector = field(repr=False)  # the sweep's one decomposition: reuse it (spectra, other α)
+    prepare_seconds: float = 0.0  # building the projector: the decompositions (or the solves' set-up)
 
     @property
     def best(self) -> SweepRow:
@@ -113,18 +116,22 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
     opts = checks.run_options(model, device=device, batch_size=batch_size,
                               process_group=process_group, show_progress=show_progress, amp=amp)
     stats = given_or_collected(model, data, stats, layers, opts)
+    started = time.perf_counter()
     projector = Projector._prepared(model, targets_with_stats(model, layers, stats), stats, solver,
                                     opts.group)
+    prepare_seconds = time.perf_counter() - started
     work = copy.deepcopy(model)
     table: List[SweepRow] = []
     scores = {}
 
     def local_sums(alpha):
         projector.apply(work, alpha)
-        return evaluation_sums(work, val, opts.batch_size, opts.device, what="val", show_progress=False,
-                               allow_empty=opts.group is not None, amp=opts.amp)
+        return evaluation_sums(work, val, opts.batch_size, opts.device, what="val",
+                               show_progress=opts.show_progress, allow_empty=opts.group is not None,
+                               amp=opts.amp, desc="validation" if alpha is None else f"validation α={alpha:.3g}")
 
     def score(alpha: Optional[float], refined: bool = False):
+        started = time.perf_counter()
         if opts.group is None:
             correct, loss, n = local_sums(alpha)
         else:  # every rank sums the same per-rank counts in rank order: the same key everywhere
@@ -134,7 +141,7 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
             if n == 0:
                 raise ValueError("val is empty on every rank; pass at least one sample")
         e = Evaluation(correct / n, loss / n, n)
-        table.append(SweepRow(alpha, e.accuracy, e.loss, refined))
+        table.append(SweepRow(alpha, e.accuracy, e.loss, refined, time.perf_counter() - started))
         scores[alpha] = _key(e)
         return scores[alpha]
 
@@ -145,7 +152,7 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
     if _is_auto(alphas) and best is not None:
         best = _refine(score, scores, best, refine_steps)
     projector.apply(work, best)
-    return SweepResult(best, work, table, stats, projector)
+    return SweepResult(best, work, table, stats, projector, prepare_seconds)
 
 
 def _refine(score, scores, best: float, steps: int) -> float:

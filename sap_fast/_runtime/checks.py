@@ -1,6 +1,6 @@
 """Argument checks and resolution, done once at the public boundary.
 
-Every public function of sap_fast validates its arguments with these helpers and resolves the
+Every public function of sap_fast validates its arguments with these functions and resolves the
 ones that name a resource (the device, the process group) into a :class:`RunOptions`; the
 internal functions it calls take those resolved values and check nothing again. Each check
 raises a one-line ``ValueError``/``TypeError`` that names the argument, what is allowed, and

@@ -48,23 +48,25 @@ class EvaluationSums(NamedTuple):
 
 
 def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None,
-             what: str = "data", show_progress: Optional[bool] = None, amp=None) -> Evaluation:
+             what: str = "data", show_progress: Optional[bool] = None, amp=None,
+             desc: str = "evaluate") -> Evaluation:
     """Accuracy and mean cross-entropy of ``model`` on labelled ``data`` (eval mode, no grad).
-    ``amp``: ``"bf16"``/``"fp16"`` runs the forward passes under autocast (None: as the model is)."""
+    ``amp``: ``"bf16"``/``"fp16"`` runs the forward passes under autocast (None: as the model is);
+    ``desc``: the progress bar's label."""
     opts = checks.run_options(model, device=device, batch_size=batch_size, process_group=False,
                               show_progress=show_progress, amp=amp)
     correct, loss, n = evaluation_sums(model, data, opts.batch_size, opts.device, what=what,
-                                       show_progress=opts.show_progress, amp=opts.amp)
+                                       show_progress=opts.show_progress, amp=opts.amp, desc=desc)
     return Evaluation(correct / n, loss / n, n)
 
 
 def evaluation_sums(model: nn.Module, data, batch_size: int, device: torch.device, *,
                     what: str = "data", show_progress: Optional[bool] = None, allow_empty: bool = False,
-                    amp: Optional[torch.dtype] = None) -> EvaluationSums:
+                    amp: Optional[torch.dtype] = None, desc: str = "evaluate") -> EvaluationSums:
     """:class:`EvaluationSums` over ``data`` (arguments resolved by the caller)."""
     correct, loss, n = 0, 0.0, 0
     for _, y, out in forward_batches(model, data, batch_size=batch_size, device=device,
-                                     need_targets=True, what=what, desc="evaluate",
+                                     need_targets=True, what=what, desc=desc,
                                      show_progress=show_progress, allow_empty=allow_empty, amp=amp):
         logits = classifier_logits(out, what)
         y = check_targets(y, logits.shape[1], what)

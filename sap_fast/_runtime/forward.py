@@ -6,13 +6,13 @@ Every stage that runs the model (scoring, statistics, evaluation) goes through
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .data import batches, num_samples
+from .memory import release_freed
 
 try:
     from tqdm.auto import tqdm
@@ -67,10 +67,12 @@ def failing_layer_tracker(model: nn.Module):
 _PROGRESS_DEFAULT: Optional[bool] = None  # what enabled=None means; the CLI's --quiet sets False
 
 
-def set_progress(enabled: Optional[bool]) -> None:
-    """Progress bars everywhere: None = on interactive terminals (default), False = never."""
+def set_progress(enabled: Optional[bool]) -> Optional[bool]:
+    """Progress bars everywhere: None = on interactive terminals (default), True = always,
+    False = never. Returns the previous setting."""
     global _PROGRESS_DEFAULT
-    _PROGRESS_DEFAULT = enabled
+    previous, _PROGRESS_DEFAULT = _PROGRESS_DEFAULT, enabled
+    return previous
 
 
 def progress(iterable, *, desc: str, total: Optional[int] = None, enabled: Optional[bool] = None,
@@ -82,6 +84,31 @@ def progress(iterable, *, desc: str, total: Optional[int] = None, enabled: Optio
         return iterable
     return tqdm(iterable, desc=desc, total=total, disable=None if enabled is None else False,
                 leave=False, unit=unit)
+
+
+class _SampleBar:
+    """A bar counted in samples (images/s and ETA), created at the first batch (so the unit can
+    say "img" for image batches); a no-op where progress is off."""
+
+    def __init__(self, desc: str, total: Optional[int], enabled: Optional[bool]):
+        if enabled is None:
+            enabled = _PROGRESS_DEFAULT
+        self.desc, self.total, self.bar = desc, total, None
+        self.on = tqdm is not None and enabled is not False
+        self.disable = None if enabled is None else False
+
+    def update(self, x: torch.Tensor) -> None:
+        if not self.on:
+            return
+        if self.bar is None:
+            unit = "img" if x.dim() == 4 else "sample"
+            self.bar = tqdm(desc=self.desc, total=self.total, disable=self.disable, leave=False,
+                            unit=unit, unit_scale=True, dynamic_ncols=True)
+        self.bar.update(x.shape[0])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -103,35 +130,39 @@ def forward_batches(model: nn.Module, data, *, batch_size: int, device: torch.de
     missing targets, integer inputs to a float model, and for inputs the model rejects (naming
     the innermost layer that raised).
     """
-    n = num_samples(data)
-    total = None if n is None else max(1, math.ceil(n / batch_size))
     seen = 0
     float_model = _float_model(model)
-    with eval_mode(model), torch.no_grad(), failing_layer_tracker(model) as stack:
-        for x, y in progress(batches(data, batch_size, what=what), desc=desc, total=total,
-                             enabled=show_progress, unit="batch"):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{what} yielded inputs of type {type(x).__name__}; expected tensors")
-            if x.shape[:1] == (0,):
-                continue
-            if need_targets and y is None:
-                raise ValueError(f"{what} has no targets, but they are needed here; pass "
-                                 "(inputs, targets) pairs, a TensorDataset(x, y) or a loader yielding (x, y)")
-            if float_model and not x.is_floating_point():
-                raise TypeError(f"{what} holds {x.dtype} inputs but the model computes in floating "
-                                "point; convert them first (e.g. x.float() / 255)")
-            x = x.to(device, non_blocking=True)
-            y = None if y is None else y.to(device, non_blocking=True)
-            stack.clear()
-            try:
-                with _autocast(device, amp):
-                    out = model(x)
-            except Exception as exc:  # re-raise with the layer that rejected the input
-                where = f"layer '{stack[-1]}'" if stack else "the model"
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ValueError(f"{what}: {where} rejected inputs of shape {tuple(x.shape)}: "
-                                 f"{first}") from exc
-            seen += x.shape[0]
-            yield x, y, out
+    bar = _SampleBar(desc, num_samples(data), show_progress)
+    try:
+        with eval_mode(model), torch.no_grad(), failing_layer_tracker(model) as stack:
+            for x, y in batches(data, batch_size, what=what):
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"{what} yielded inputs of type {type(x).__name__}; expected tensors")
+                if x.shape[:1] == (0,):
+                    continue
+                if need_targets and y is None:
+                    raise ValueError(f"{what} has no targets, but they are needed here; pass (inputs, "
+                                     "targets) pairs, a TensorDataset(x, y) or a loader yielding (x, y)")
+                if float_model and not x.is_floating_point():
+                    raise TypeError(f"{what} holds {x.dtype} inputs but the model computes in floating "
+                                    "point; convert them first (e.g. x.float() / 255)")
+                x = x.to(device, non_blocking=True)
+                y = None if y is None else y.to(device, non_blocking=True)
+                stack.clear()
+                try:
+                    with _autocast(device, amp):
+                        out = model(x)
+                except Exception as exc:  # re-raise with the layer that rejected the input
+                    where = f"layer '{stack[-1]}'" if stack else "the model"
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise ValueError(f"{what}: {where} rejected inputs of shape {tuple(x.shape)}: "
+                                     f"{first}") from exc
+                seen += x.shape[0]
+                yield x, y, out
+                bar.update(x)
+                if device.type == "cpu":
+                    release_freed(x.numel() * x.element_size())
+    finally:
+        bar.close()
     if seen == 0 and not allow_empty:
         raise ValueError(f"{what} is empty; pass at least one sample")

@@ -21,6 +21,8 @@ import json
 import sys
 from typing import List, Optional
 
+import torch
+
 from .._runtime.forward import set_progress
 from ..backends.info import backend_info
 from . import bench, compare, correct, demo
@@ -45,7 +47,7 @@ def _info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sap-fast", description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--quiet", action="store_true", help="no progress bars (they are on by default)")
     common.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True,
                                      metavar="{" + ",".join([*COMMANDS, "info"]) + "}")
@@ -61,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quiet:
-        set_progress(False)
+    previous = set_progress(not args.quiet)  # bars on every pass over data (images/s, ETA), on stderr
+    threads = torch.get_num_threads()  # a command may set its own; a caller of main() keeps theirs
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
@@ -74,3 +76,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         text = str(err).strip().splitlines()
         print(f"sap-fast {args.command}: error: {text[0] if text else type(err).__name__}", file=sys.stderr)
         return 2 if isinstance(err, USAGE_ERRORS) else 1
+    finally:
+        set_progress(previous)
+        torch.set_num_threads(threads)

@@ -1,13 +1,31 @@
 """Loading a user's model and data for the command line (``sap-fast correct``).
 
-Models: ``module:factory`` (imported, then called with no arguments) or a module saved whole
-with ``torch.save``. A TorchScript model cannot be corrected (no hooks on ScriptModules), but its
-weights can: ``--model module:factory --weights scripted.pt``. Weights: a state dict in
-``.pt``/``.pth`` (also under a ``"state_dict"`` or ``"model"`` key), ``.safetensors``, or a
-TorchScript file. Data: a folder of images in one
-sub-folder per class (sorted names → class indices, like torchvision's ``ImageFolder``), or a
-``.pt`` file holding ``(inputs, targets)`` or a dict with ``inputs``/``x`` and
-``targets``/``labels``/``y``.
+Models (``--model``):
+
+* ``module:factory``: the module is imported (the working folder is on the path, like
+  ``python -m``), then ``factory`` is called with no arguments (or used as is, if a module);
+* ``torchvision:NAME`` (e.g. ``torchvision:resnet50``): ``torchvision.models.get_model(NAME,
+  weights=None, num_classes=N)``; ``timm:NAME`` (e.g. ``timm:vit_base_patch16_224``):
+  ``timm.create_model(NAME, pretrained=False, num_classes=N)``. ``N`` is ``--num-classes``, which
+  these need. Nothing is downloaded: the weights come from ``--weights`` only;
+* ``hf:DIR``: a Hugging Face transformers image classifier saved with ``save_pretrained``
+  (``AutoModelForImageClassification.from_pretrained(DIR, local_files_only=True)``), in float32.
+  It stays the transformers model, with its own class and parameter names; a forward hook
+  (:func:`hf_logits`) makes its output the logits tensor instead of the output object;
+* a module saved whole with ``torch.save`` (a pickle: only files you trust). A TorchScript model
+  cannot be corrected (no hooks on ScriptModules), but its weights can: ``--model
+  module:factory --weights scripted.pt``.
+
+Weights (``--weights``): a state dict in ``.pt``/``.pth`` (also under a ``"state_dict"`` or
+``"model"`` key), ``.safetensors``, or a TorchScript file. :func:`save_weights` writes the
+corrected model's ``state_dict()``, under the names the model (and ``--weights``) uses. For
+``hf:DIR`` those are the transformers model's own names, as the installed transformers holds
+them: ``model.load_state_dict(safetensors.torch.load_file(FILE))`` loads the file into the model
+``from_pretrained(DIR)`` gives; and a copy of DIR whose weights (``model.safetensors``, or the
+shards and their index) are replaced by the file, named ``model.safetensors``, loads with
+``from_pretrained`` as the corrected model.
+
+Data: :mod:`.data` (image folders, ``.pt`` files and Clothing1M, streamed one sample at a time).
 
 Every failure is a :class:`LoadError` with one line that names the file and says what to do.
 """
@@ -16,23 +34,50 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-from .._runtime.forward import progress
+from .._runtime import io
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 class LoadError(ValueError):
     """A model, checkpoint or data file that cannot be used, with what to do about it."""
 
 
-def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
-    """The model named by ``spec``, with ``weights`` (a state dict file) loaded into it if given."""
+BY_NAME = ("torchvision", "timm")  # built from a name and --num-classes
+
+
+def model_kind(spec: str) -> str:
+    """How ``--model spec`` is read: ``torchvision``, ``timm``, ``hf``, ``factory`` or ``file``."""
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in (*BY_NAME, "hf") and rest:
+        return prefix
     if ":" in spec and not os.path.exists(spec):
+        return "factory"
+    return "file"
+
+
+def load_model(spec: str, weights: Optional[str] = None, *, num_classes: Optional[int] = None) -> nn.Module:
+    """The model named by ``spec``, with ``weights`` (a state dict file) loaded into it if given.
+
+    ``num_classes`` builds ``torchvision:``/``timm:`` models (which need it) and is checked
+    against an ``hf:`` model's labels; other models have their own, so there it is an error.
+    """
+    kind = model_kind(spec)
+    if num_classes is not None and kind in ("factory", "file"):
+        raise LoadError(f"--num-classes applies to torchvision:NAME, timm:NAME and hf:DIR models; --model "
+                        f"{spec} builds its own classifier, so leave --num-classes out")
+    if num_classes is not None and num_classes < 1:
+        raise LoadError(f"--num-classes must be at least 1, got {num_classes}")
+    if kind in BY_NAME:
+        model = _by_name(kind, spec.partition(":")[2], num_classes, spec)
+    elif kind == "hf":
+        model = _from_hf(spec.partition(":")[2], num_classes, spec, weights is not None)
+    elif kind == "factory":
         model = _from_factory(spec)
     else:
         model = _from_file(spec)
@@ -43,17 +88,141 @@ def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
         except RuntimeError as err:  # shape mismatches
             first = str(err).strip().splitlines()
             detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
-            raise LoadError(f"{weights}: does not fit the model ({detail})") from None
+            hint = "; is --num-classes the number it was trained with?" if kind in BY_NAME else ""
+            raise LoadError(f"{weights}: does not fit the model ({detail}){hint}") from None
         if missing or unexpected:
+            hint = ("; for hf:DIR, --weights takes the model's own state_dict() (such as the corrected "
+                    "file sap-fast writes), while a save_pretrained folder goes in --model hf:FOLDER"
+                    if kind == "hf" else "; is it this model's checkpoint?")
             raise LoadError(f"{weights}: keys do not match the model (missing {list(missing)[:3]}, "
-                            f"unexpected {list(unexpected)[:3]}); is it this model's checkpoint?")
+                            f"unexpected {list(unexpected)[:3]}){hint}")
     return model
+
+
+def _import_failure(package: str, err: BaseException, fix: str) -> LoadError:
+    return LoadError(f"{package} does not import in this environment ({type(err).__name__}: "
+                     f"{_first_line(err)}): {fix}")
+
+
+def _by_name(library: str, name: str, num_classes: Optional[int], spec: str) -> nn.Module:
+    """``torchvision:NAME`` or ``timm:NAME`` with ``num_classes`` outputs, randomly initialised."""
+    if num_classes is None:
+        raise LoadError(f"--model {spec} needs --num-classes (the number of classes it was trained on; "
+                        "the library's default would be ImageNet's 1000)")
+    if library == "torchvision":
+        try:
+            from torchvision import models
+        except Exception as err:  # not installed, or built for another torch
+            raise _import_failure("torchvision", err, "install a torchvision that matches your torch") from None
+        try:
+            build = models.get_model_builder(name)
+        except Exception:
+            near = [m for m in models.list_models() if name.lower() in m]
+            raise LoadError(f"--model {spec}: torchvision has no model {name!r}; "
+                            + (f"did you mean {', '.join(near[:5])}?" if near else
+                               "torchvision.models.list_models() names them")) from None
+
+        def make():
+            return build(weights=None, num_classes=num_classes)
+    else:
+        try:
+            import timm
+        except Exception as err:
+            raise _import_failure("timm", err, "install timm (pip install timm) and a torchvision that "
+                                  "matches your torch") from None
+        if not timm.is_model(name):
+            near = timm.list_models(f"*{name}*")
+            raise LoadError(f"--model {spec}: timm has no model {name!r}; "
+                            + (f"did you mean {', '.join(near[:5])}?" if near else
+                               "timm.list_models() names them"))
+
+        def make():
+            return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    try:
+        return make()
+    except Exception as err:
+        raise LoadError(f"--model {spec}: building it failed ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def hf_logits(module: nn.Module, args, output):
+    """Forward hook of an ``hf:`` model: the output's logits tensor (``output.logits``, or the
+    first item of an output tuple, with ``return_dict=False``) takes the output's place."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return output
+
+
+def _from_hf(folder: str, num_classes: Optional[int], spec: str, weights_given: bool) -> nn.Module:
+    """A transformers image classifier from its ``save_pretrained`` folder, in float32, in eval
+    mode, with the :func:`hf_logits` hook; nothing is downloaded. Parameters the folder lacks
+    (a base model without its classification head) are an error unless ``--weights`` brings them."""
+    if not os.path.isdir(folder):
+        raise LoadError(f"--model {spec}: no such folder (hf:DIR takes a folder written by save_pretrained)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise LoadError(f"--model {spec}: {folder} has no config.json (hf:DIR takes a folder written by "
+                        "save_pretrained)")
+    try:
+        from transformers import AutoModelForImageClassification
+        from transformers.utils import logging as hf_logging
+    except Exception as err:
+        raise _import_failure("transformers", err, "install it (pip install transformers)") from None
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load report: what it says is checked below
+    try:
+        model, info = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True,
+                                                                      output_loading_info=True)
+    except Exception as err:
+        raise LoadError(f"--model {spec}: transformers cannot load it as an image classifier "
+                        f"({type(err).__name__}: {_first_line(err)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    fresh = sorted(info.get("missing_keys") or ()) + sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                                                            for k in info.get("mismatched_keys") or ())
+    if fresh and not weights_given:
+        raise LoadError(f"--model {spec}: the folder has no trained weights for {fresh[:3]} (transformers would "
+                        "initialise them at random): save_pretrained the trained classifier, or pass its "
+                        "state dict as --weights")
+    labels = getattr(model.config, "num_labels", None)
+    if num_classes is not None and labels != num_classes:
+        raise LoadError(f"--model {spec} has {labels} labels (num_labels in its config.json), not "
+                        f"--num-classes {num_classes}; leave --num-classes out")
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()  # the statistics are accumulated in float32 (--amp covers the rest)
+    model.register_forward_hook(hf_logits)
+    return model.eval()
+
+
+def save_weights(model: nn.Module, path: str, fmt: Optional[str] = None) -> None:
+    """Write ``model.state_dict()`` (on the CPU, each tensor its own copy) to ``path``, atomically:
+    ``fmt`` ``"safetensors"`` (with the ``format: pt`` metadata transformers looks for) or ``"pt"``
+    (``torch.save``); by default, from the file's suffix."""
+    fmt = fmt or ("safetensors" if str(path).endswith(".safetensors") else "pt")
+    if fmt not in ("safetensors", "pt"):
+        raise ValueError(f"--format {fmt}: use safetensors or pt")
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if fmt == "safetensors":
+        io.save_safetensors(path, state, metadata={"format": "pt"})
+    else:
+        io.save_torch(path, state)
 
 
 def _from_factory(spec: str) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the working folder import
+    if module_name.endswith(".py"):
+        dotted = module_name[:-3].replace(os.sep, ".").replace("/", ".").strip(".")
+        raise LoadError(f"--model {spec}: give the module's name without .py: --model {dotted}:{attr} "
+                        f"(run from the folder that holds {os.path.basename(module_name)}, or put that "
+                        "folder on PYTHONPATH)")
     try:
         module = importlib.import_module(module_name)
     except Exception as err:
@@ -127,105 +296,6 @@ def _torch_state(path: str):
             return dict(torch.jit.load(path, map_location="cpu").state_dict())
         except Exception:
             raise err from None
-
-
-def load_data(path: str, *, image_size: Optional[Sequence[int]] = None, channels: int = 3,
-              mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-              classes: Optional[List[str]] = None) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-    """``(inputs, targets, class names)`` from an image folder or a ``.pt`` file.
-
-    ``classes`` fixes the class order (so a validation folder maps names like the training one).
-    """
-    if os.path.isdir(path):
-        return _image_folder(path, image_size, channels, mean, std, classes)
-    if os.path.isfile(path):
-        return _tensor_file(path)
-    raise LoadError(f"{path}: no such file or folder")
-
-
-def _tensor_file(path: str) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise LoadError(f"{path}: unreadable ({type(err).__name__}: {_first_line(err)}); expected a "
-                        "torch.save'd (inputs, targets) pair or dict") from None
-    if isinstance(obj, dict):
-        x = next((obj[k] for k in ("inputs", "x", "images") if k in obj), None)
-        y = next((obj[k] for k in ("targets", "labels", "y") if k in obj), None)
-    elif isinstance(obj, (tuple, list)) and len(obj) == 2:
-        x, y = obj
-    else:
-        x = y = None
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise LoadError(f"{path}: expected (inputs, targets) tensors or a dict with 'inputs' and 'targets'")
-    if y.dim() != 1 or y.dtype.is_floating_point or x.shape[0] != y.shape[0]:
-        raise LoadError(f"{path}: targets must be N integer class indices for N inputs, got inputs "
-                        f"{tuple(x.shape)} and targets {tuple(y.shape)} {y.dtype}")
-    if x.shape[0] == 0:
-        raise LoadError(f"{path}: holds no samples")
-    y = y.long()
-    names = [str(i) for i in range(int(y.max()) + 1)]
-    return x, y, names
-
-
-def _image_folder(path, image_size, channels, mean, std, classes):
-    found = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    if not found:
-        raise LoadError(f"{path}: no class sub-folders (expected {path}/<class>/<image>.png)")
-    if classes is not None and set(found) - set(classes):
-        raise LoadError(f"{path}: classes {sorted(set(found) - set(classes))} are not among the "
-                        f"training classes {classes}")
-    names = list(classes) if classes is not None else found
-    files = [(os.path.join(path, c, f), names.index(c)) for c in found
-             for f in sorted(os.listdir(os.path.join(path, c))) if f.lower().endswith(IMAGE_SUFFIXES)]
-    if not files:
-        raise LoadError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    convert = _image_transform(image_size, channels, mean, std)
-    images = []
-    for file, _ in progress(files, desc="images", unit="img"):
-        images.append(convert(file))
-    shapes = {tuple(t.shape) for t in images}
-    if len(shapes) > 1:
-        raise LoadError(f"{path}: images differ in size {sorted(shapes)[:3]}; pass --image-size H W")
-    return torch.stack(images), torch.tensor([label for _, label in files]), names
-
-
-def _image_transform(image_size, channels, mean, std):
-    """file → float tensor (C, H, W) in [0, 1], resized and normalised; torchvision when it
-    imports, otherwise the same steps with PIL and torch."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise LoadError("reading image folders needs Pillow: pip install pillow") from None
-    if channels not in (1, 3):
-        raise LoadError(f"--channels must be 1 or 3, got {channels}")
-    mode = "L" if channels == 1 else "RGB"
-    size = None if image_size is None else (tuple(image_size) * 2 if len(image_size) == 1 else tuple(image_size))
-    mean_t = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    try:
-        from torchvision.transforms import functional as TF
-    except Exception:  # not installed, or does not import with this torch
-        TF = None
-
-    def convert(file):
-        try:
-            with Image.open(file) as img:
-                img = img.convert(mode)
-                if size is not None and img.size != (size[1], size[0]):
-                    img = img.resize((size[1], size[0]), Image.BILINEAR)
-                if TF is not None:
-                    t = TF.to_tensor(img)
-                else:
-                    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-                    t = t.view(img.size[1], img.size[0], channels).permute(2, 0, 1).float() / 255
-        except OSError as err:
-            raise LoadError(f"{file}: unreadable image ({_first_line(err)})") from None
-        if mean_t is not None:
-            t = (t - mean_t) / std_t
-        return t
-
-    return convert
 
 
 def _first_line(err: BaseException) -> str:

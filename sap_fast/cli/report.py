@@ -134,7 +134,7 @@ def report_data(*, sweep=None, spectra: Optional[Mapping[str, LayerSpectrum]] = 
         spectra: name → :class:`LayerSpectrum`, as :func:`sap_fast.spectrum.spectra` returns.
         alpha: α* for the λ figures; default: the sweep's best α (None there = no projection won).
         extra: anything else to record (test accuracies, timings, noise info), under ``"extra"``,
-            converted by :func:`sap_fast.io.to_jsonable`.
+            converted by :func:`sap_fast._runtime.io.to_jsonable`.
         test_accuracy: α → test accuracy (fractions in [0, 1]; key None = no projection),
             recorded under ``"test_accuracy"``.
         rank_rtol: the relative eigenvalue threshold of ``rank``.
@@ -218,6 +218,11 @@ def _accuracy_panel(ax, sweep, chosen, source, test_accuracy) -> None:
         row = None if sweep is None else next((r for r in sweep.table if r.alpha == chosen), None)
         if row is not None:
             ax.plot([chosen], [100 * row.val_accuracy], "*", color=pick_color, ms=14, zorder=5)
+    shown = {a for a in ([r.alpha for r in sweep.table] if sweep is not None else []) + list(test_accuracy or ())
+             if a is not None} | ({chosen} if chosen is not None else set())
+    if len(shown) == 1:  # one α: a decade either side, not a zero-width axis
+        only = shown.pop()
+        ax.set_xlim(only / 10, only * 10)
     ax.set_xscale("log")
     ax.set_xlabel("α (log scale)")
     ax.set_ylabel("accuracy (%)")
@@ -274,7 +279,7 @@ def plot_report(*, sweep=None, spectra: Optional[Mapping[str, LayerSpectrum]] = 
                 test_accuracy: Optional[Mapping[Optional[float], float]] = None,
                 title: Optional[str] = None):
     """The report figure (a ``matplotlib.figure.Figure`` on an Agg canvas; never shown, no pyplot
-    state: save it with :func:`sap_fast.io.save_figure` or ``fig.savefig``).
+    state: save it with :func:`sap_fast._runtime.io.save_figure` or ``fig.savefig``).
 
     Panel "accuracy vs α" (when ``sweep`` or ``test_accuracy`` is given): validation accuracy per
     α on a log-x axis, "no projection" as a horizontal dashed line, α* as a dotted vertical line

@@ -13,7 +13,10 @@ of trials, and the wall time of the whole search (selection included).
 **Privacy setting** (UGradSL's and ManiF-SMC's own task): a model trained on clean labels, a
 random 10% of its training set to forget; each method is judged by UA/RA/TA/MIA and by Avg Gap to
 a model retrained without the forget set (the literature selects hyperparameters on that gap,
-and so does this harness; :mod:`sap_fast.unlearning_metrics`).
+and so does this harness; :mod:`sap_fast.experiments.metrics`).
+
+The protocol, budgets and metrics: ``docs/methods.md#corrective-protocol`` and
+``docs/methods.md#unlearning-metrics``.
 """
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ class Corrector:
 # Budgets on the digits default (1293 training samples). The SAP paper's CIFAR budgets (45 000
 # samples) are Finetune 5000, SSD 5000/1000, SCRUB 1000/200, SAP 1000; scaled to digits: SAP keeps
 # the demo's 300 trusted samples, SCRUB 300/60, and Finetune, SSD and the methods with no
-# published corrective budget 600/120 (methods.md: "reuse SSD's ... and report the choice").
+# published corrective budget 600/120 (SSD's, as docs/methods.md#corrective-protocol says).
 def correctors(budgets: Optional[Dict[str, tuple]] = None) -> Dict[str, Corrector]:
     """The methods as the harness runs them; ``budgets`` overrides sizes: ``{name: (retain, forget)}``."""
     table = _default_correctors()

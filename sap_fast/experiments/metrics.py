@@ -5,7 +5,7 @@ Label noise: what a model does on the clean and corrupted parts of a noisy train
 
 Unlearning, for judging privacy-forgetting methods on their own task. For a forget set D_f
 removed from the training set (retain set D_r) and a test set D_test (the Unlearn-Sparse / SalUn /
-UGradSL convention, ``docs/methods.md``), in percent:
+UGradSL convention, ``docs/methods.md#unlearning-metrics``), in percent:
 
 - UA  = 100 − accuracy on D_f   (unlearning accuracy: higher = more forgotten)
 - RA  = accuracy on D_r
@@ -162,7 +162,7 @@ def noise_metrics(model: nn.Module, inputs, noisy_labels, clean_labels, corrupte
     ``inputs``, whose samples must be in the same order as the labels: a tensor, an
     (inputs, targets) pair (targets ignored), a Dataset or an *unshuffled* DataLoader.
     ``corrupted`` must be True exactly where ``noisy_labels != clean_labels`` (as returned by
-    the functions of :mod:`sap_fast.noise`).
+    the functions of :mod:`sap_fast.experiments.noise`).
 
     Returns a JSON-ready dict (accuracies are fractions in [0, 1], or None for an empty part):
 
