@@ -83,3 +83,20 @@ def test_readme_baselines_snippet_runs():
     assert isinstance(scope["fixed"], nn.Module) and scope["fixed"] is not model
     assert len(scope["suspects"]) == 200 and len(scope["trusted"]) == 1000
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_readme_clothing1m_command_parses():
+    """The Clothing1M command needs torchvision and a GPU, so here its flags are only parsed by
+    the command's own parser: every flag it shows exists and takes what it is given."""
+    import shlex
+
+    from sap_fast.cli import build_parser
+
+    text = open(README, encoding="utf-8").read()
+    section = text[text.index("**Clothing1M**"):]
+    script = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    argv = shlex.split(script)
+    assert argv[:2] == ["sap-fast", "correct"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.model == "torchvision:resnet50" and args.data.startswith("clothing1m:")
+    assert args.val.endswith(":clean_val") and args.preset == "imagenet" and args.amp == "bf16"

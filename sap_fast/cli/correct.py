@@ -61,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--val", help="validation data the model was NOT trained on (same forms, e.g. "
                                     "clothing1m:ROOT:clean_val): α is chosen on it")
     data.add_argument("--val-indices", metavar="FILE",
-                      help="positions in --data that were held out of training (a .pt/.npy file or "
-                           "a text file of integers): the validation split, taken out of --data")
+                      help="positions in --data that were held out of training (a torch.save'd list or "
+                           "tensor, e.g. the official scripts' .corrupt_val_index, a .npy array, or a text "
+                           "file of integers): the validation split, taken out of --data")
     data.add_argument("--val-fraction", type=float,
                       help="take a stratified fraction of --data as validation; only right if the model "
                            "was not trained on it (else no α can win)")
@@ -304,15 +305,19 @@ def _score(model, train: Dataset, scoring: Scoring, args, out: Outputs, device) 
 # ---- the command --------------------------------------------------------------------------------
 
 def _read_indices(path: str, n: int) -> torch.Tensor:
-    """Positions from a .pt/.npy file or a text file of integers, checked against ``n`` samples."""
+    """Positions from a ``torch.save`` file (whatever its name, e.g. the official training
+    scripts' ``.corrupt_val_index``), a ``.npy`` array, or a text file of integers, checked
+    against ``n`` samples."""
     if not os.path.isfile(path):
         raise LoadError(f"--val-indices {path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(6)
     try:
-        if path.endswith((".pt", ".pth")):
-            values = torch.load(path, map_location="cpu", weights_only=True)
-        elif path.endswith(".npy"):
+        if head.startswith(b"\x93NUMPY"):
             import numpy as np
             values = np.load(path, allow_pickle=False)
+        elif head.startswith((b"PK", b"\x80")):  # torch.save: a zip archive, or a legacy pickle
+            values = torch.load(path, map_location="cpu", weights_only=True)
         else:
             with open(path, encoding="utf-8") as f:
                 values = [int(tok) for tok in f.read().replace(",", " ").split()]
@@ -320,7 +325,7 @@ def _read_indices(path: str, n: int) -> torch.Tensor:
     except Exception as err:
         raise LoadError(f"--val-indices {path}: unreadable ({type(err).__name__}: "
                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); expected "
-                        "integer positions in a .pt/.npy file or a text file") from None
+                        "integer positions in a torch.save/.npy file or a text file") from None
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise LoadError(f"--val-indices {path}: holds {idx.dtype} values; positions are integers")
     idx = idx.long()

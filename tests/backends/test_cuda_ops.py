@@ -15,13 +15,11 @@ the rank-deficient cases) are arbitrary.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from support import CONV_CASES, Attention, Tokens, conv_case, max_weight_rel_err
+from support import Attention, CONV_CASES, Tokens, conv_case, max_weight_rel_err, unfold_gram
 
 try:
     import sap_fast._C  # noqa: F401  (registers torch.ops.sap_fast.*)
@@ -65,24 +63,6 @@ def _max_rel(got: torch.Tensor, expected: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 # conv_gram
 # --------------------------------------------------------------------------------------------
-
-
-def unfold_gram(x, kernel_size, stride, padding, dilation, groups) -> torch.Tensor:
-    """float64 oracle: R materialised one spatial dim at a time with ``Tensor.unfold``,
-    ``(groups, d, d)`` with columns in ``weight.view(out, -1)`` order (channel, then taps)."""
-    x = x.detach().to("cpu", torch.float64)
-    spatial = x.dim() - 2
-    x = F.pad(x, [p for i in reversed(range(spatial)) for p in (padding[i], padding[i])])
-    for i in range(spatial):
-        span = dilation[i] * (kernel_size[i] - 1) + 1
-        # unfold appends the window as the last dim; every dilation-th element is a tap
-        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
-    n, c = x.shape[:2]
-    out = x.shape[2 : 2 + spatial]
-    x = x.reshape(n, groups, c // groups, *out, *kernel_size)
-    rows_first = [0, *range(3, 3 + spatial), 1, 2, *range(3 + spatial, 3 + 2 * spatial)]
-    r = x.permute(rows_first).reshape(-1, groups, c // groups * math.prod(kernel_size))
-    return torch.einsum("rgi,rgj->gij", r, r)
 
 
 # name: (batch, channels, spatial size, kernel, stride, padding, dilation, groups)

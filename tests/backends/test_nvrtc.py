@@ -40,7 +40,7 @@ import sap_fast
 from sap_fast.backends import batched_linalg, cupy_runtime, nvrtc
 from sap_fast.backends import gram as gram_backend
 from sap_fast.backends.gram import route as gram_route
-from support import CONV_CASES, conv_case, rel_err
+from support import CONV_CASES, conv_case, rel_err, unfold_gram
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUH = os.path.join(ROOT, "csrc", "cuda", "conv_gram_kernels.cuh")
@@ -410,22 +410,6 @@ def test_conv_gram_wants_a_cuda_tensor():
 # ---------------------------------------------------------------------------------------------
 # the launch path, against stand-ins for cupy and the two kernels
 # ---------------------------------------------------------------------------------------------
-
-def unfold_gram(x, kernel_size, stride, padding, dilation, groups) -> torch.Tensor:
-    """float64 oracle: R materialised one spatial dim at a time with Tensor.unfold."""
-    x = x.detach().to(torch.float64)
-    spatial = x.dim() - 2
-    x = F.pad(x, [p for i in reversed(range(spatial)) for p in (padding[i], padding[i])])
-    for i in range(spatial):
-        span = dilation[i] * (kernel_size[i] - 1) + 1
-        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
-    n, c = x.shape[:2]
-    out = x.shape[2: 2 + spatial]
-    x = x.reshape(n, groups, c // groups, *out, *kernel_size)
-    rows_first = [0, *range(3, 3 + spatial), 1, 2, *range(3 + spatial, 3 + 2 * spatial)]
-    r = x.permute(rows_first).reshape(-1, groups, c // groups * math.prod(kernel_size))
-    return torch.einsum("rgi,rgj->gij", r, r)
-
 
 class StandIns:
     """cupy (``from_dlpack``) and a RawModule whose two kernels do on the CPU what the .cuh

@@ -174,8 +174,9 @@ def test_held_out_positions_read_from_every_file_form(tmp_path):
     held = torch.tensor([7, 2, 40])
     np.save(tmp_path / "h.npy", held.numpy())
     torch.save(held, tmp_path / "h.pt")
+    torch.save(held.tolist(), tmp_path / "run.corrupt_val_index")  # the official scripts' file: a list
     (tmp_path / "h.txt").write_text("7\n2, 40\n")
-    for name in ("h.npy", "h.pt", "h.txt"):
+    for name in ("h.npy", "h.pt", "run.corrupt_val_index", "h.txt"):
         assert correct_command._read_indices(str(tmp_path / name), 50).tolist() == [2, 7, 40]
     (tmp_path / "float.npy").write_bytes(b"")
     np.save(tmp_path / "float.npy", np.array([1.5]))
