@@ -3,7 +3,7 @@
 #   make test        set up the test stack (native extension included), then run the whole suite
 # and:
 #   make test-fast   the suite without the tests marked slow
-#   make check-cuda  compile every CUDA source with nvcc (no GPU, no link)
+#   make check-cuda  compile every CUDA source with nvcc, then through NVRTC (no GPU, no link)
 #   make bench       the CPU benchmarks
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip

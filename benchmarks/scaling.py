@@ -1,7 +1,7 @@
 """What distributed SAP costs, and how it scales with the number of ranks.
 
 1. Analytic, from layer shapes (ResNet-50 and ViT-B/16 at 224², N trusted samples; the widths
-   are the census of ../shared/perf-anchors.md, written out here because torchvision/timm do
+   are the census of docs/cost-census.md, written out here because torchvision/timm do
    not import on this machine): memory per rank (every rank holds every Gram), bytes per
    bucketed all-reduce and per correction (ring all-reduce: 2(p−1)/p × payload per rank), the
    spectra broadcast, and how far spreading the eigendecompositions over p ranks helps.

@@ -123,10 +123,10 @@ failed=0
 check() {  # check <label> <file.cu>
   local label="$1" source="$2" start status=OK log="$scratch/log"
   start=$(date +%s%N)
-  "$NVCC" "${flags[@]}" "$source" >"$log" 2>&1 || status=FAILED
+  "$NVCC" "${flags[@]}" "$source" >"$log" 2>&1 || status=FAIL
   local tenths=$((($(date +%s%N) - start) / 100000000))
   printf '%-7s %-44s %4d.%d s\n' "$status" "$label" $((tenths / 10)) $((tenths % 10))
-  if [[ "$status" == FAILED ]]; then
+  if [[ "$status" == FAIL ]]; then
     sed 's/^/    /' "$log"
     failed=1
   fi

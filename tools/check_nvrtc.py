@@ -6,7 +6,7 @@ for each architecture, and prints one line per file and architecture:
 
     OK      csrc/cuda/conv_gram_kernels.cuh nvrtc sm_80      1.4 s
 
-or ``FAILED`` followed by NVRTC's log, and exits 1. NVRTC needs no GPU and no driver: only cupy's
+or ``FAIL`` followed by NVRTC's log, and exits 1. NVRTC needs no GPU and no driver: only cupy's
 NVRTC binding and the NVRTC library. When they do not import, this installs them into the current
 Python first (cupy-cuda13x and the CUDA 13 nvidia-cuda-nvrtc wheel; for an installed cupy-cuda12x,
 the CUDA 12 NVRTC wheel), then runs again.
@@ -82,7 +82,7 @@ def main(argv) -> int:
                 nvrtc.compile_source(name, arch, [nvrtc.CHECKOUT_SOURCE_DIR])
                 status, log = "OK", ""
             except nvrtc.CompileError as err:
-                status, log = "FAILED", str(err)
+                status, log = "FAIL", str(err)
             text = f"{label} nvrtc {nvrtc.gpu_arch(arch)}"
             print(f"{status:<7} {text:<44} {time.perf_counter() - start:6.1f} s", flush=True)
             if log:

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Callable, Mapping, Optional
 
 __all__ = ["atomic_write", "save_json", "save_torch", "save_safetensors", "save_figure", "to_jsonable"]
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it where Linux allows (/proc), else by the
     classic set-and-restore (a tiny window in which another thread would see umask 0o022)."""
     try:
@@ -74,7 +74,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)   # replacing a file: keep its permissions
     except OSError:
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=".sap_fast-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -164,7 +164,7 @@ def compile_source(name: str, arch: str, dirs: Optional[Sequence[str]] = None) -
     options and instantiations, and return name expression → mangled kernel name.
 
     Needs only cupy's NVRTC binding and the NVRTC library: no GPU, no driver (cupy's higher-level
-    compiler helpers ask the driver for the architecture, so they are not used here). Raises
+    compiler functions ask the driver for the architecture, so they are not used here). Raises
     :class:`CompileError` with NVRTC's log.
     """
     from cupy_backends.cuda.libs import nvrtc as lib

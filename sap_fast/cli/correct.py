@@ -35,7 +35,7 @@ from .._runtime.evaluate import classifier_logits
 from ..select import candidate_ids
 from ..stats import Stats
 from . import report
-from .data import Preprocess, check_first, loader, open_data
+from .data import Preprocess, TensorFile, check_first, loader, open_data
 from .load import LoadError, load_model, save_weights
 
 PARTIAL = ".sap_fast-partial"   # the scoring checkpoint's folder inside --out
@@ -199,17 +199,11 @@ class Outputs:
         try:
             for path, write in inside.items():
                 write(os.path.join(staging, os.path.basename(path)))
-            os.chmod(staging, 0o777 & ~_umask())
+            os.chmod(staging, 0o777 & ~io.current_umask())  # a folder as mkdir makes it, not 0700
             os.rename(staging, self.folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-
-
-def _umask() -> int:
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
 
 
 # ---- resumable scoring --------------------------------------------------------------------------
@@ -436,7 +430,9 @@ def run(args: argparse.Namespace) -> int:
     for name, part in (("--data", train), ("--val", val), ("--test", test)):
         for note in getattr(part, "notes", ()) or ():
             print(f"note: {name}: {note}")
-    exact = args.data is not None and os.path.isdir(args.data) or str(args.data or args.val).startswith("clothing1m:")
+    # folders and Clothing1M name their classes: the model must have exactly that many outputs;
+    # a tensor file's classes are only known from its largest label
+    exact = not isinstance(train if train is not None else val, TensorFile)
     if val is not None:
         _check_model(model, val, classes, exact, device, "--val")
     if train is not None:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import baselines
+from .._runtime import checks
 from .._runtime.evaluate import evaluate
 from .._runtime.forward import progress
 from ..select import lowest_per_class, sample_scores
@@ -78,13 +79,11 @@ def correctors(budgets: Optional[Dict[str, tuple]] = None) -> Dict[str, Correcto
             raise ValueError(f"budget for unknown method {name!r}; choose from {', '.join(table)}")
         retain, forget = budget
         c = table[name]
-        if isinstance(retain, bool) or not isinstance(retain, int) or retain < 1:
-            raise ValueError(f"{name}: the retain budget must be a positive int, got {retain!r}")
+        checks.positive_int(retain, "the retain budget", where=name)
         if c.forget == 0 and forget:
             raise ValueError(f"{name} uses no forget set; give its budget as {name}={retain}")
-        if c.forget and (isinstance(forget, bool) or not isinstance(forget, int) or forget < 1):
-            raise ValueError(f"{name}: the forget budget must be a positive int, got {forget!r}; "
-                             f"give it as {name}={retain}/<forget>")
+        if c.forget:
+            checks.positive_int(forget, "the forget budget", where=name)
         table[name] = dataclasses.replace(c, retain=retain, forget=forget if c.forget else 0)
     return table
 

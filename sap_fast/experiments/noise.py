@@ -23,6 +23,8 @@ from typing import Optional, Union
 
 import torch
 
+from .._runtime import checks
+
 __all__ = [
     "symmetric_noise",
     "asymmetric_noise",
@@ -133,11 +135,7 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
 
 
 def _check_num_classes(num_classes) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(
-            f"num_classes must be an int >= 2 (the number of classes K), got {num_classes!r}"
-        )
-    return num_classes
+    return checks.positive_int(num_classes, "num_classes", minimum=2)
 
 
 def _check_rate(rate) -> float:

@@ -250,3 +250,18 @@ def test_bench_command_runs_the_suite_that_fits():
         rows = json.load(f)["rows"]
     assert {r["layer"] for r in rows} == {"tiny.conv3x3", "tiny.conv3x3s2"}
     assert all("error" not in r["portable"] for r in rows)
+
+
+@pytest.mark.slow  # a fresh process, as a user starts it
+def test_bench_from_an_installed_package_says_it_needs_the_source_tree(tmp_path):
+    """An installed package has no benchmarks/ beside it: one line and exit status 2."""
+    import shutil
+
+    import sap_fast as package
+    shutil.copytree(os.path.dirname(package.__file__), tmp_path / "site" / "sap_fast",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    run = subprocess.run([sys.executable, "-m", "sap_fast", "bench", "--tiny"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "an installed package does not carry" in run.stderr and "clone of the repository" in run.stderr

@@ -87,7 +87,7 @@ def test_atomic_write_replaces_and_sets_permissions(tmp_path):
     path = tmp_path / "out.bin"
     sio.atomic_write(str(path), lambda f: f.write(b"first"))
     assert path.read_bytes() == b"first"
-    assert (path.stat().st_mode & 0o777) == 0o666 & ~sio._umask()   # as open() would, not mkstemp's 0600
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~sio.current_umask()   # as open() would, not mkstemp's 0600
     os.chmod(path, 0o640)
     sio.atomic_write(path, lambda f: f.write(b"second"))
     assert path.read_bytes() == b"second" and (path.stat().st_mode & 0o777) == 0o640
