@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ._runtime.checks import positive_int, resolve_group  # noqa: F401  (resolve_group: public here too)
+from ._runtime.checks import first_line, positive_int, resolve_group  # noqa: F401  (resolve_group: public here too)
 from .stats import LayerStats, Stats
 
 BUCKET_BYTES = 64 << 20  # bytes per collective: bounds the extra memory, amortises the latency
@@ -78,8 +78,7 @@ def exchange(group, fn: Callable[[], object]) -> list:
     try:
         mine, error = ("ok", fn()), None
     except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        mine, error = ("error", type(exc).__name__, first or type(exc).__name__), exc
+        mine, error = ("error", type(exc).__name__, first_line(exc)), exc
     everyone: list = [None] * world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     if error is not None:

@@ -18,6 +18,13 @@ import torch.distributed as dist
 from torch import nn
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message on one line (its first), or its type's name when it has none: what
+    every one-line error that reports another error quotes."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _prefix(where: Optional[str]) -> str:
     return f"{where}: " if where else ""
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .data import batches, num_samples
+from .checks import first_line
 from .memory import release_freed
 
 try:
@@ -154,9 +155,8 @@ def forward_batches(model: nn.Module, data, *, batch_size: int, device: torch.de
                         out = model(x)
                 except Exception as exc:  # re-raise with the layer that rejected the input
                     where = f"layer '{stack[-1]}'" if stack else "the model"
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise ValueError(f"{what}: {where} rejected inputs of shape {tuple(x.shape)}: "
-                                     f"{first}") from exc
+                                     f"{first_line(exc)}") from exc
                 seen += x.shape[0]
                 yield x, y, out
                 bar.update(x)

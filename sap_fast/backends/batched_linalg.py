@@ -66,7 +66,7 @@ def _cusolver_probe():
     try:
         from cupy_backends.cuda.libs import cusolver  # loads the library (cuda-pathfinder)
     except Exception as err:  # the cuSOLVER library (a CUDA wheel of torch brings one) not found
-        return None, (f"cupy cannot load cuSOLVER ({cupy_runtime.first_line(err)}); pip install "
+        return None, (f"cupy cannot load cuSOLVER ({cupy_runtime.typed_first_line(err)}); pip install "
                       "nvidia-cusolver (CUDA 13; nvidia-cusolver-cu12 for cupy-cuda12x)")
     return cusolver, None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from .._runtime.checks import first_line
 from .native import forced_portable
 
 log = logging.getLogger("sap_fast")
@@ -22,10 +23,9 @@ INSTALL_HINT = ("pip install 'sap_fast[cupy]' (cupy-cuda13x; cupy-cuda12x instea
                 "whose driver is CUDA 12)")
 
 
-def first_line(err: BaseException) -> str:
+def typed_first_line(err: BaseException) -> str:
     """``Type: message`` on one line (cupy's loader errors run to a dozen lines)."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,13 +34,13 @@ def _probe():
     try:
         import cupy
     except Exception as err:  # not installed, or a broken install
-        why = f"cupy is not installed ({first_line(err)}); {INSTALL_HINT}"
+        why = f"cupy is not installed ({typed_first_line(err)}); {INSTALL_HINT}"
         log.debug(why)
         return None, why
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as err:  # no driver, or a driver older than cupy's CUDA
-        why = f"cupy sees no GPU ({first_line(err)})"
+        why = f"cupy sees no GPU ({typed_first_line(err)})"
         log.debug(why)
         return None, why
     if count < 1:

@@ -105,7 +105,7 @@ def _nvrtc_probe():
         from cupy_backends.cuda.libs import nvrtc as lib
         major, minor = lib.getVersion()
     except Exception as err:
-        return None, (f"cupy cannot load NVRTC ({cupy_runtime.first_line(err)}); pip install "
+        return None, (f"cupy cannot load NVRTC ({cupy_runtime.typed_first_line(err)}); pip install "
                       "nvidia-cuda-nvrtc (CUDA 13; nvidia-cuda-nvrtc-cu12 for cupy-cuda12x)")
     return f"{major}.{minor}", None
 

@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import torch
 
+from .._runtime.checks import first_line
 from .._runtime.forward import set_progress
 from ..backends.info import backend_info
 from . import bench, compare, correct, demo
@@ -73,8 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as err:  # one line, unless asked for the whole story
         if args.traceback:
             raise
-        text = str(err).strip().splitlines()
-        print(f"sap-fast {args.command}: error: {text[0] if text else type(err).__name__}", file=sys.stderr)
+        print(f"sap-fast {args.command}: error: {first_line(err)}", file=sys.stderr)
         return 2 if isinstance(err, USAGE_ERRORS) else 1
     finally:
         set_progress(previous)

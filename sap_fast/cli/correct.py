@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, Subset
 import sap_fast
 
 from .._runtime import io
+from .._runtime.checks import first_line
 from .._runtime.evaluate import classifier_logits
 from ..select import candidate_ids
 from ..stats import Stats
@@ -317,9 +318,8 @@ def _read_indices(path: str, n: int) -> torch.Tensor:
                 values = [int(tok) for tok in f.read().replace(",", " ").split()]
         idx = torch.as_tensor(values).flatten()
     except Exception as err:
-        raise LoadError(f"--val-indices {path}: unreadable ({type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); expected "
-                        "integer positions in a torch.save/.npy file or a text file") from None
+        raise LoadError(f"--val-indices {path}: unreadable ({type(err).__name__}: {first_line(err)}); "
+                        "expected integer positions in a torch.save/.npy file or a text file") from None
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise LoadError(f"--val-indices {path}: holds {idx.dtype} values; positions are integers")
     idx = idx.long()
@@ -353,10 +353,8 @@ def _check_model(model, dataset: Dataset, classes: Optional[List[str]], exact: b
         with torch.no_grad():
             out = model(x.unsqueeze(0).to(device))
     except Exception as err:
-        first = str(err).strip().splitlines()
         raise LoadError(f"{what}: the model does not accept its inputs of shape {tuple(x.shape)} "
-                        f"({first[0] if first else type(err).__name__}); check --image-size/--channels/"
-                        "--preset") from None
+                        f"({first_line(err)}); check --image-size/--channels/--preset") from None
     outputs = classifier_logits(out, "the model's output").shape[-1]
     largest = int(dataset.targets.max()) if len(dataset.targets) else -1
     if (exact and classes is not None and outputs != len(classes)) or outputs <= largest:

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .load import IMAGE_SUFFIXES, LoadError, _first_line
+from .._runtime.checks import first_line
+from .load import IMAGE_SUFFIXES, LoadError
 
 __all__ = ["CLOTHING1M_SPLITS", "IMAGENET_MEAN", "IMAGENET_STD", "Clothing1M", "ImageFolder", "PathList",
            "Preprocess", "StreamLoader", "TensorFile", "check_first", "loader", "open_data"]
@@ -194,7 +195,7 @@ class Preprocess:
         except FileNotFoundError:
             raise LoadError(f"{file}: no such file") from None
         except Exception as err:
-            raise LoadError(f"{file}: unreadable image ({type(err).__name__}: {_first_line(err)})") from None
+            raise LoadError(f"{file}: unreadable image ({type(err).__name__}: {first_line(err)})") from None
 
     def decode(self, file: str) -> torch.Tensor:
         """The tensor of ``file``; lets the reader's own exception through (callers name the file)."""
@@ -313,7 +314,7 @@ class _Images(Dataset):
             raise LoadError(f"{self.where(i)}: no such file") from None
         except Exception as err:
             raise LoadError(f"{self.where(i)}: unreadable image ({type(err).__name__}: "
-                            f"{_first_line(err)})") from None
+                            f"{first_line(err)})") from None
         return x, int(self.targets[i])
 
 
@@ -342,7 +343,7 @@ class ImageFolder(_Images):
         try:
             entries = sorted(os.scandir(root), key=lambda e: e.name)
         except OSError as err:
-            raise LoadError(f"{root}: cannot list it ({_first_line(err)})") from None
+            raise LoadError(f"{root}: cannot list it ({first_line(err)})") from None
         found = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
         loose = sum(1 for e in entries if not e.is_dir())
         if not found:
@@ -402,7 +403,7 @@ class TensorFile(Dataset):
                 self.notes.append(f"{path} is in torch's old file format and was read whole; re-save it "
                                   "with torch.save to have it memory-mapped")
         except Exception as err:
-            raise LoadError(f"{path}: unreadable ({type(err).__name__}: {_first_line(err)}); expected a "
+            raise LoadError(f"{path}: unreadable ({type(err).__name__}: {first_line(err)}); expected a "
                             "torch.save'd (inputs, targets) pair or dict") from None
         x, y = self._pair(obj)
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
@@ -471,7 +472,7 @@ def _open(path: str, what: str):
     except FileNotFoundError:
         raise LoadError(f"{path}: no such file ({what})") from None
     except OSError as err:
-        raise LoadError(f"{path}: unreadable ({_first_line(err)})") from None
+        raise LoadError(f"{path}: unreadable ({first_line(err)})") from None
 
 
 def _read_bytes(path: str, what: str) -> bytes:
@@ -484,7 +485,7 @@ def _read_names(path: str) -> List[str]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise LoadError(f"{path}: not UTF-8 text ({_first_line(err)})") from None
+        raise LoadError(f"{path}: not UTF-8 text ({first_line(err)})") from None
     names = [line.strip() for line in text.splitlines()]
     while names and not names[-1]:
         names.pop()

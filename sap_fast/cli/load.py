@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .._runtime import io
+from .._runtime.checks import first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -101,7 +102,7 @@ def load_model(spec: str, weights: Optional[str] = None, *, num_classes: Optiona
 
 def _import_failure(package: str, err: BaseException, fix: str) -> LoadError:
     return LoadError(f"{package} does not import in this environment ({type(err).__name__}: "
-                     f"{_first_line(err)}): {fix}")
+                     f"{first_line(err)}): {fix}")
 
 
 def _by_name(library: str, name: str, num_classes: Optional[int], spec: str) -> nn.Module:
@@ -141,7 +142,7 @@ def _by_name(library: str, name: str, num_classes: Optional[int], spec: str) -> 
     try:
         return make()
     except Exception as err:
-        raise LoadError(f"--model {spec}: building it failed ({type(err).__name__}: {_first_line(err)})") from None
+        raise LoadError(f"--model {spec}: building it failed ({type(err).__name__}: {first_line(err)})") from None
 
 
 def hf_logits(module: nn.Module, args, output):
@@ -179,7 +180,7 @@ def _from_hf(folder: str, num_classes: Optional[int], spec: str, weights_given: 
                                                                       output_loading_info=True)
     except Exception as err:
         raise LoadError(f"--model {spec}: transformers cannot load it as an image classifier "
-                        f"({type(err).__name__}: {_first_line(err)})") from None
+                        f"({type(err).__name__}: {first_line(err)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -254,7 +255,7 @@ def _from_file(path: str) -> nn.Module:
         # a whole module is a pickle: it can run code, so only load files you trust
         model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise LoadError(f"--model {path}: unreadable ({type(err).__name__}: {_first_line(err)}); "
+        raise LoadError(f"--model {path}: unreadable ({type(err).__name__}: {first_line(err)}); "
                         "expected TorchScript or a module saved with torch.save(model)") from None
     if not isinstance(model, nn.Module):
         raise LoadError(f"--model {path}: holds a {type(model).__name__}, not a module; for a state "
@@ -276,7 +277,7 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
         raise LoadError(f"--weights {path}: reading .safetensors needs `pip install safetensors`") from None
     except Exception as err:
         raise LoadError(f"--weights {path}: unreadable checkpoint ({type(err).__name__}: "
-                        f"{_first_line(err)})") from None
+                        f"{first_line(err)})") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -296,8 +297,3 @@ def _torch_state(path: str):
             return dict(torch.jit.load(path, map_location="cpu").state_dict())
         except Exception:
             raise err from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

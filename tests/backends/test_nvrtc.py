@@ -52,7 +52,7 @@ def _nvrtc_skip_reason():
         from cupy_backends.cuda.libs import nvrtc as lib
         lib.getVersion()
     except Exception as err:
-        return (f"cupy's NVRTC does not load ({cupy_runtime.first_line(err)}): pip install cupy-cuda13x "
+        return (f"cupy's NVRTC does not load ({cupy_runtime.typed_first_line(err)}): pip install cupy-cuda13x "
                 "nvidia-cuda-nvrtc (make check-cuda compiles the sources through NVRTC anyway)")
     return None
 
