@@ -87,14 +87,15 @@ def progress(iterable, *, desc: str, total: Optional[int] = None, enabled: Optio
                 leave=False, unit=unit)
 
 
-class _SampleBar:
+class SampleBar:
     """A bar counted in samples (images/s and ETA), created at the first batch (so the unit can
-    say "img" for image batches); a no-op where progress is off."""
+    say "img" for image batches), starting from ``initial`` samples already done; a no-op where
+    progress is off (``enabled``: as in :func:`progress`)."""
 
-    def __init__(self, desc: str, total: Optional[int], enabled: Optional[bool]):
+    def __init__(self, desc: str, total: Optional[int], enabled: Optional[bool] = None, initial: int = 0):
         if enabled is None:
             enabled = _PROGRESS_DEFAULT
-        self.desc, self.total, self.bar = desc, total, None
+        self.desc, self.total, self.initial, self.bar = desc, total, initial, None
         self.on = tqdm is not None and enabled is not False
         self.disable = None if enabled is None else False
 
@@ -103,8 +104,8 @@ class _SampleBar:
             return
         if self.bar is None:
             unit = "img" if x.dim() == 4 else "sample"
-            self.bar = tqdm(desc=self.desc, total=self.total, disable=self.disable, leave=False,
-                            unit=unit, unit_scale=True, dynamic_ncols=True)
+            self.bar = tqdm(desc=self.desc, total=self.total, initial=self.initial, disable=self.disable,
+                            leave=False, unit=unit, unit_scale=True, dynamic_ncols=True)
         self.bar.update(x.shape[0])
 
     def close(self) -> None:
@@ -133,7 +134,7 @@ def forward_batches(model: nn.Module, data, *, batch_size: int, device: torch.de
     """
     seen = 0
     float_model = _float_model(model)
-    bar = _SampleBar(desc, num_samples(data), show_progress)
+    bar = SampleBar(desc, num_samples(data), show_progress)
     try:
         with eval_mode(model), torch.no_grad(), failing_layer_tracker(model) as stack:
             for x, y in batches(data, batch_size, what=what):

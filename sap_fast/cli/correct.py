@@ -33,6 +33,7 @@ import sap_fast
 from .._runtime import io
 from .._runtime.checks import first_line
 from .._runtime.evaluate import classifier_logits
+from .._runtime.forward import SampleBar
 from ..select import candidate_ids
 from ..stats import Stats
 from . import report
@@ -243,13 +244,6 @@ class Scoring:
                              "labels": torch.cat(self.labels), "classes": self.classes})
 
 
-def _bar(desc: str, total: int, quiet: bool):
-    if quiet:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(desc=desc, total=total, unit="img", unit_scale=True, dynamic_ncols=True, leave=False)
-
-
 class _Take:
     """The next ``count`` batches of a shared batch iterator, as a re-iterable for one pass."""
 
@@ -262,8 +256,7 @@ class _Take:
             if batch is None:
                 return
             yield batch
-            if self.bar is not None:
-                self.bar.update(len(batch[0]))
+            self.bar.update(batch[0])
 
 
 def _score(model, train: Dataset, scoring: Scoring, args, out: Outputs, device) -> None:
@@ -272,9 +265,7 @@ def _score(model, train: Dataset, scoring: Scoring, args, out: Outputs, device) 
     path = os.path.join(out.partial, "scores.pt")
     total = scoring.positions.numel()
     per_chunk = max(1, args.checkpoint_every // args.batch_size)  # batches: chunks end on batch edges
-    bar = _bar("scoring", total, args.quiet)
-    if bar is not None:
-        bar.update(scoring.done)
+    bar = SampleBar("scoring", total, initial=scoring.done)  # on unless --quiet (sap_fast.cli.main)
     try:
         remaining = Subset(train, scoring.positions[scoring.done:].tolist())
         batches = iter(loader(remaining, batch_size=args.batch_size, workers=args.workers, device=device))
@@ -293,8 +284,7 @@ def _score(model, train: Dataset, scoring: Scoring, args, out: Outputs, device) 
                   f"{total} samples are saved in {path}; continue with --resume", file=sys.stderr)
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 # ---- the command --------------------------------------------------------------------------------
