@@ -34,16 +34,23 @@ def projected_weight(weight: torch.Tensor, spectrum: LayerSpectrum, alpha: float
     """``W Wpᵀ`` for ``weight`` ``(groups, out, d)`` (float64 in, float64 out).
 
     Dispatch point of the project stage: the Triton kernel for CUDA tensors when Triton is
-    available, torch matmuls otherwise (the kernel's tests hold it to this path)."""
+    available (and compiles here), torch matmuls otherwise (the kernel's tests hold it to this
+    path)."""
     u = spectrum.basis
     wu = weight @ u if weight_basis is None else weight_basis
+
+    def portable() -> torch.Tensor:
+        lam = importance(spectrum.energies, alpha).unsqueeze(-2)  # (groups, 1, r)
+        if spectrum.full:
+            return weight - (wu * (1.0 - lam)) @ u.transpose(-1, -2)
+        return (wu * lam) @ u.transpose(-1, -2)
+
     kernels = triton.compiled("update") if weight.is_cuda else None
-    if kernels is not None:  # λ formed inside the kernel, fused with the two products
-        return kernels.scaled_update(weight, wu, u, spectrum.eigvals, alpha, full=spectrum.full)
-    lam = importance(spectrum.energies, alpha).unsqueeze(-2)  # (groups, 1, r)
-    if spectrum.full:
-        return weight - (wu * (1.0 - lam)) @ u.transpose(-1, -2)
-    return (wu * lam) @ u.transpose(-1, -2)
+    if kernels is None:
+        return portable()
+    # λ formed inside the kernel, fused with the two products
+    return triton.run("update", lambda: kernels.scaled_update(weight, wu, u, spectrum.eigvals, alpha,
+                                                              full=spectrum.full), portable)
 
 
 class Projector:

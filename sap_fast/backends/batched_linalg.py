@@ -22,15 +22,16 @@ asked for:
 
 Where cupy cannot run (see :func:`load`), ``cupy`` falls back to the default quietly;
 ``backend_info()["cupy"]`` says why. Memory comes from torch's caching allocator, the calls are
-queued on torch's current stream; the argument handling (checks, layouts, workspace, pointer
+queued on torch's current stream (:func:`on_stream`); the argument handling (checks, layouts, workspace, pointer
 array) runs against any object with cupy's cuSOLVER binding names (:func:`syevj_batched`,
 :func:`potrf_batched`), which is how it is tested without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -195,11 +196,19 @@ def potrf_batched(lib, handle: int, m: torch.Tensor) -> Tuple[torch.Tensor, torc
 
 # -- the entry points ----------------------------------------------------------------------------
 
-def _handle(cp, tensor: torch.Tensor, lib) -> int:
-    """cupy's cuSOLVER handle for the tensor's device, set to torch's current stream there."""
-    handle = cp.cuda.device.get_cusolver_handle()
-    lib.setStream(handle, torch.cuda.current_stream(tensor.device).cuda_stream)
-    return handle
+@contextlib.contextmanager
+def on_stream(cp, lib, device_index: int, stream) -> Iterator[int]:
+    """cupy's cuSOLVER handle of device ``device_index``, with every call made inside the block
+    queued on ``stream`` (torch's current stream there).
+
+    cupy's cuSOLVER wrappers set the handle's stream to *cupy's* current stream at every call,
+    so a stream set once on the handle is overridden: the calls run inside cupy's stream context
+    made from torch's stream (:func:`cupy_runtime.stream_of`), and the handle is set to it too
+    (for the bindings that do not reset it)."""
+    with cp.cuda.Device(device_index), cupy_runtime.stream_of(cp, stream):
+        handle = cp.cuda.device.get_cusolver_handle()
+        lib.setStream(handle, stream.cuda_stream)
+        yield handle
 
 
 def _runtime(op: str, tensor: torch.Tensor):
@@ -222,8 +231,9 @@ def eigh(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     cp, lib = _runtime("eigh", gram)
     _check_batch(gram, "eigh", "gram", MAX_JACOBI_SIZE)
-    with torch.cuda.device(gram.device), cp.cuda.Device(gram.device.index):
-        values, vectors, info = syevj_batched(lib, _handle(cp, gram, lib), gram)
+    with torch.cuda.device(gram.device), on_stream(cp, lib, gram.device.index,
+                                                   torch.cuda.current_stream(gram.device)) as handle:
+        values, vectors, info = syevj_batched(lib, handle, gram)
     check_info(info, "eigh (cupy syevjBatched)")
     return values, vectors
 
@@ -235,8 +245,9 @@ def cholesky_ex(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     docstring (``SAP_FAST_BATCHED_CHOLESKY=cupy``)."""
     cp, lib = _runtime("cholesky_ex", m)
     _check_batch(m, "cholesky_ex", "m")
-    with torch.cuda.device(m.device), cp.cuda.Device(m.device.index):
-        return potrf_batched(lib, _handle(cp, m, lib), m)
+    with torch.cuda.device(m.device), on_stream(cp, lib, m.device.index,
+                                                torch.cuda.current_stream(m.device)) as handle:
+        return potrf_batched(lib, handle, m)
 
 
 def check_info(info: torch.Tensor, op: str) -> None:

@@ -137,7 +137,9 @@ def gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elements: i
         return None
     mode = kernel_mode(dtype, input_precision)
     if not isinstance(module, CONV_TYPES):  # Triton: every row of the input, any leading dims
-        return triton.compiled("gram").linear_gram(x.reshape(-1, x.shape[-1]), mode)
+        kernels = triton.compiled("gram")
+        return triton.run("gram", lambda: kernels.linear_gram(x.reshape(-1, x.shape[-1]), mode),
+                          lambda: None)
     spatial = len(module.kernel_size)
     if x.dim() == spatial + 1:
         x = x.unsqueeze(0)
@@ -147,8 +149,10 @@ def gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elements: i
         return torch.ops.sap_fast.conv_gram(x, k, stride, padding, dil, module.groups, dtype)
     if which == "cupy":
         return nvrtc.conv_gram(x, k, stride, padding, dil, module.groups, dtype)
-    if which == "triton":
-        return triton.compiled("gram").conv_gram(x, k, stride, padding, dil, module.groups, mode)
+    if which == "triton":  # a kernel that fails to compile here: None, the caller streams rows
+        kernels = triton.compiled("gram")
+        return triton.run("gram", lambda: kernels.conv_gram(x, k, stride, padding, dil, module.groups, mode),
+                          lambda: None)
     if which == "torch-shift":
         return shift.shift_gram(x, k, padding, dil, module.groups, dtype)
     # "shift" (CPU): bound the kernel's zero-margined copy by whole samples

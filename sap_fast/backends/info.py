@@ -9,7 +9,8 @@ def backend_info() -> dict:
     """What was built and what each stage will use, per device type.
 
     Returns a dict: ``native`` (built, cuda, torch it was built against, or why not loaded),
-    ``triton`` / ``triton_gram`` (available or why not), ``cupy`` (the NVRTC Gram kernel and the
+    ``triton`` / ``triton_gram`` (available or why not; ``compile_failure``: why the kernel stopped
+    being used in this process, or None), ``cupy`` (the NVRTC Gram kernel and the
     batched cuSOLVER calls: available or why not, and what each stage uses them for),
     ``forced_portable`` and ``stages`` (stage → device → the kernel that stage uses there).
     """
@@ -17,6 +18,8 @@ def backend_info() -> dict:
     built = dict(module.build_info()) if module is not None else {}
     update_module, update_why = triton.load("update")
     gram_module, gram_why = triton.load("gram")
+    # a kernel that failed to compile in this process is no longer used (sap_fast.backends.triton.run)
+    update_broken, gram_broken = triton.broken("update"), triton.broken("gram")
     forced = native.forced_portable()
     use_native = module is not None and not forced
     use_cuda = use_native and bool(built.get("cuda"))
@@ -25,7 +28,7 @@ def backend_info() -> dict:
         "accumulate": {
             "cpu": ("native: shift-correlation Gram for stride-1 convs; portable unfold + GEMM "
                     "otherwise" if use_native else "portable: unfold + GEMM"),
-            "cuda": _cuda_gram_text(use_cuda, gram_module is not None and not forced,
+            "cuda": _cuda_gram_text(use_cuda, gram_module is not None and not forced and not gram_broken,
                                     cupy_info["gram"]["used"]),
         },
         "spectrum": {
@@ -38,13 +41,13 @@ def backend_info() -> dict:
         "project": {
             "cpu": "portable: torch matmuls",
             "cuda": "triton: fused λ-scaled update" if update_module is not None and not forced
-                    else "portable: torch matmuls",
+                    and not update_broken else "portable: torch matmuls",
         },
     }
     return {
         "native": {"loaded": module is not None, "reason": why, **built},
-        "triton": {"loaded": update_module is not None, "reason": update_why},
-        "triton_gram": {"loaded": gram_module is not None, "reason": gram_why},
+        "triton": {"loaded": update_module is not None, "reason": update_why, "compile_failure": update_broken},
+        "triton_gram": {"loaded": gram_module is not None, "reason": gram_why, "compile_failure": gram_broken},
         "cupy": cupy_info,
         "forced_portable": forced,
         "stages": stages,

@@ -6,19 +6,51 @@
 Each kernel module also holds a plain-torch twin (``*_reference``) with identical semantics: the
 oracle for its tests and the fallback where Triton cannot run. Importing this package imports no
 kernel module (nor Triton), so ``sap_fast`` never needs Triton; :func:`load` does, once.
+
+What happens when Triton cannot run:
+
+- Triton missing or failing to import: :func:`load` says why, :func:`compiled` is None, and
+  every stage takes its torch path (``backend_info()`` shows the reason);
+- no GPU (or ``SAP_FAST_BACKEND=portable``): :func:`compiled` is None, torch paths;
+- a kernel that fails to *compile* on this machine (a Triton release that rejects it, ptxas
+  refusing it, too little shared memory): the dispatcher's :func:`run` catches the error,
+  warns once naming the kernel and the Triton version, runs the torch path for that call, and
+  :func:`compiled` returns None for that kernel for the rest of the process. Errors of a kernel
+  that compiled (a bad launch, a CUDA fault) are not caught.
+
+Each kernel module's launcher builds its launches as :class:`Launch` records before running
+them, so ``tools/check_triton.py`` compiles, without a GPU, exactly what a launch compiles.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import logging
+import os
+import warnings
+from typing import Callable, Dict, NamedTuple, Optional, TypeVar
 
 import torch
 
 from ..native import forced_portable
 
 log = logging.getLogger("sap_fast")
-_FALLBACK = {"update": "using torch matmuls", "gram": "no Triton Gram kernel"}
+_FALLBACK = {"update": "using torch matmuls", "gram": "streaming rows on the portable path"}
+_BROKEN: Dict[str, str] = {}  # kernel module name → why it does not compile here
+T = TypeVar("T")
+
+
+class Launch(NamedTuple):
+    """One kernel launch as a launcher makes it: ``kernel[grid](*args, **kwargs)``. ``kernel`` is
+    a ``triton.JITFunction`` or a ``triton.runtime.Autotuner``; ``grid`` a tuple or a function of
+    the launch's meta-parameters."""
+    kernel: object
+    grid: object
+    args: tuple
+    kwargs: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +66,81 @@ def load(name: str):
 
 
 def compiled(name: str):
-    """The kernel module when it can run compiled (a GPU, not forced portable), else None."""
-    if forced_portable() or not torch.cuda.is_available():
+    """The kernel module when it can run compiled (a GPU, not forced portable, and the kernel
+    has not failed to compile in this process), else None."""
+    if forced_portable() or not torch.cuda.is_available() or name in _BROKEN:
         return None
     return load(name)[0]
+
+
+def broken(name: str) -> Optional[str]:
+    """Why kernel module ``name`` stopped being used in this process (it failed to compile), or None."""
+    return _BROKEN.get(name)
+
+
+def compile_failure(err: BaseException) -> bool:
+    """Whether ``err`` was raised while Triton compiled a kernel (not while a compiled one ran):
+    a Triton compile error (front end, ptxas, out of shared memory or registers), or any error
+    raised from inside Triton's compiler or its backends (an MLIR pass that fails)."""
+    try:
+        from triton.errors import TritonError
+        from triton.runtime.errors import InterpreterError
+    except Exception:
+        return False
+    if isinstance(err, InterpreterError):  # the CPU interpreter ran the kernel: a kernel bug
+        return False
+    if isinstance(err, TritonError):
+        return True
+    import triton
+    root = os.path.dirname(os.path.abspath(triton.__file__))
+    compiler_dirs = tuple(os.path.join(root, d) + os.sep for d in ("compiler", "backends"))
+    tb = err.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(compiler_dirs):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _last_line(text) -> str:
+    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def summary(err: BaseException, limit: int = 300) -> str:
+    """One line for a compile error: its type; for a Triton ``CompilationError`` the kernel
+    source line it points at (its message starts with source lines); its last line of message;
+    and the innermost error it chains, if any."""
+    text = type(err).__name__
+    node, src = getattr(err, "node", None), getattr(err, "src", None)
+    line = getattr(node, "lineno", None)
+    if src and line and line <= len(src.split("\n")):
+        text += f" at {line}:{node.col_offset} `{src.split(chr(10))[line - 1].strip()}`"
+        message = _last_line(getattr(err, "error_message", None))
+    else:
+        message = _last_line(err)
+    if message:
+        text += f": {message}"
+    inner = err
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    if inner is not err:
+        text += f" ({type(inner).__name__}" + (f": {_last_line(inner)})" if _last_line(inner) else ")")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def run(name: str, kernel: Callable[[], T], fallback: Callable[[], T]) -> T:
+    """``kernel()``, or ``fallback()`` when the Triton kernel fails to compile here; then warns
+    once (naming the kernel, the Triton version and the error) and stops using the kernel."""
+    try:
+        return kernel()
+    except Exception as err:
+        if not compile_failure(err):
+            raise
+        import triton
+        why = (f"the Triton {name} kernel does not compile here (triton {triton.__version__}: "
+               f"{summary(err)}); {_FALLBACK[name]}")
+        if name not in _BROKEN:
+            _BROKEN[name] = why
+            warnings.warn(f"sap_fast: {why}", RuntimeWarning, stacklevel=2)
+        return fallback()

@@ -29,8 +29,9 @@ none beyond ``G``.
 Precision modes (``precision``):
 
 - ``"fp64"``: loads converted to fp64, fp64 ``tl.dot`` and accumulation, float64 output. The
-  products of fp32 inputs are exact; only the summation rounds. (triton 3.8 lowers the fp64 dot
-  to DMMA ``mma.sync.m8n8k4.f64`` on sm_80/sm_90.)
+  products of fp32 inputs are exact; only the summation rounds. The fp64 dot lowers to DMMA on
+  sm_80/sm_90 (``tools/check_triton.py`` counts the instructions: triton 3.9 emits the
+  m8n8k4 ``DMMA.884``, triton 3.6 the ``DMMA.16x8x16`` form).
 - ``"fp32"``: fp32 operands, ``tl.dot(..., input_precision="ieee")`` (FMA units, no tensor
   cores), fp32 accumulation, float32 output (fp64 inputs are rounded to fp32 first).
 - ``"tf32"``: operands rounded to TF32 (10 explicit mantissa bits) by round-to-nearest-even in
@@ -48,7 +49,7 @@ Gram" wherever the dot runs. :func:`conv_gram_reference` computes that value.
 Under Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before this module is imported):
 ``tl.dot`` is ``numpy.matmul`` in the accumulator's dtype, so ``input_precision`` changes
 nothing (the explicit rounding above still happens, so tf32 results are the GPU's up to the
-summation order); and the interpreter of triton 3.8 multiplies bf16 operands as their raw
+summation order); and Triton's interpreter (as seen with triton 3.8) multiplies bf16 operands as their raw
 ``uint16`` bit patterns and truncates fp32 → bf16 casts, so there the bf16 mode multiplies the
 (already bf16-exact) fp32 operands with an fp32 dot instead, which is the same products.
 """
@@ -65,10 +66,11 @@ import triton
 import triton.language as tl
 
 from ..precision import round_inputs
+from . import Launch
 
 PRECISIONS = ("fp64", "fp32", "tf32", "bf16")
 _MODE = {name: i for i, name in enumerate(PRECISIONS)}
-# 16-bit inputs: no (triton 3.8 cannot compile a bf16 load widened to an fp64 dot operand on sm_90:
+# 16-bit inputs: no (triton cannot compile a bf16 load widened to an fp64 dot operand on sm_90:
 # MMAv2 asserts 'Currently fp64 don't support largeK MMA'); convert them with .float()
 _INPUT_DTYPES = (torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
@@ -210,11 +212,11 @@ def _conv_gram_kernel(
         a = tl.trans(_operand(a, MODE, BF16_DOT))
         b = _operand(b, MODE, BF16_DOT)
         if MODE == 2:
-            acc = tl.dot(a, b, acc, input_precision="tf32")
+            acc = tl.dot(a, b, acc, input_precision="tf32", out_dtype=acc.dtype)
         elif MODE == 3 and BF16_DOT:
-            acc = tl.dot(a, b, acc)  # bf16 operands, fp32 accumulator
+            acc = tl.dot(a, b, acc, out_dtype=acc.dtype)  # bf16 operands, fp32 accumulator
         else:  # fp64 (the argument changes nothing there), fp32, interpreted bf16
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
     i = tile_row * BLOCK_D + tl.arange(0, BLOCK_D)
     j = tile_col * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -343,12 +345,13 @@ def _positive(name: str, value, default: int, power_of_two: bool = False) -> int
 
 def default_config(width: int, precision: str) -> Dict[str, int]:
     """Launch settings without tuning: a tile no wider than the Gram needs (16 to 64); 16 rows
-    per step and 4 warps in fp64 (its operands take twice the registers), else 32 rows and 8
-    warps (4 warps for narrower tiles). Spill-free on sm_90 (see :func:`configs`)."""
+    per step in fp64 (its operands take twice the registers), 32 otherwise; 8 warps for tiles
+    of 32 and 64, 4 for 16. Spill-free on sm_90 with triton 3.6 and 3.9 in every mode, with and
+    without split-K atomics and padding checks (``tools/check_triton.py`` fails otherwise; 4
+    warps on the wider tiles spill a few bytes there)."""
     block_d = max(16, min(64, triton.next_power_of_2(max(width, 1))))
-    if precision == "fp64":
-        return dict(block_d=block_d, block_k=16, num_warps=4, num_stages=2)
-    return dict(block_d=block_d, block_k=32, num_warps=8 if block_d == 64 else 4, num_stages=2)
+    return dict(block_d=block_d, block_k=16 if precision == "fp64" else 32,
+                num_warps=8 if block_d >= 32 else 4, num_stages=2)
 
 
 def configs(precision: str = "fp64") -> List[Dict[str, int]]:
@@ -356,21 +359,20 @@ def configs(precision: str = "fp64") -> List[Dict[str, int]]:
     :func:`conv_gram` (``block_d``, ``block_k``, ``num_warps``, ``num_stages``). Not used with
     ``@triton.autotune`` here: under the interpreter that would run every config.
 
-    Each one compiles for sm_90 with triton 3.8 without register spills (ptxas -v on the PTX,
-    compiled without a GPU); the gathered slabs are register-hungry, so 128-wide tiles and
-    64-row steps with 4 warps, which spill there, are left out. On sm_80 the fp32 ("ieee", FMA)
-    mode spills with most of these; the list is for H100-class GPUs. Timings decide among them."""
+    Each one compiles for sm_90 with triton 3.6 and 3.9 without register spills on a
+    ResNet-50 3×3 conv (``tools/check_triton.py``); the gathered slabs are register-hungry, so
+    128-wide tiles, 64-row steps in the tensor-core modes and 3 stages of 32-row steps in fp32,
+    which spill there, are left out. On sm_80 the fp32 ("ieee", FMA) mode spills with most of
+    these; the list is for H100-class GPUs. Timings decide among them."""
     if precision not in PRECISIONS:
         raise ValueError(f"conv_gram: precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp64":
-        shapes = [(64, 16, 4, 2), (64, 16, 8, 2), (64, 16, 4, 3), (64, 32, 8, 2), (64, 32, 8, 3),
+        shapes = [(64, 16, 8, 2), (64, 16, 4, 2), (64, 16, 4, 3), (64, 32, 8, 2), (64, 32, 8, 3),
                   (32, 16, 4, 2)]
     elif precision == "fp32":
-        shapes = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 4, 2), (64, 16, 8, 3), (64, 64, 8, 2),
-                  (32, 32, 4, 2)]
+        shapes = [(64, 32, 8, 2), (64, 16, 4, 2), (64, 16, 8, 3), (64, 64, 8, 2), (32, 32, 4, 2)]
     else:  # tensor-core modes
-        shapes = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 4, 2), (64, 16, 8, 2), (64, 64, 8, 2),
-                  (32, 32, 4, 2)]
+        shapes = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 4, 2), (64, 16, 8, 2), (32, 32, 4, 2)]
     return [dict(block_d=d, block_k=k, num_warps=w, num_stages=s) for d, k, w, s in shapes]
 
 
@@ -428,10 +430,30 @@ def conv_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: i
         ValueError: a bad shape, dtype, geometry, precision or block size, or CPU tensors without
             the Triton interpreter.
     """
-    geo = _check(x, kernel_size, stride, padding, dilation, groups, precision)
-    if x.device.type == "cpu" and not interpreted():
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not interpreted():
         raise ValueError("conv_gram: CPU tensors need TRITON_INTERPRET=1 set before importing "
                          "sap_fast.backends.triton.gram; use conv_gram_reference on CPU")
+    out, launches = conv_gram_launches(x, kernel_size, stride, padding, dilation, groups, precision,
+                                       block_d=block_d, block_k=block_k, splits=splits,
+                                       num_warps=num_warps, num_stages=num_stages)
+    # Triton launches on the current CUDA device, which need not be x's
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        for launch in launches:
+            launch()
+    return out
+
+
+def conv_gram_launches(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int = 1,
+                       precision: str = "fp64", *, block_d: Optional[int] = None,
+                       block_k: Optional[int] = None, splits: Optional[int] = None,
+                       num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                       sm_count: Optional[int] = None) -> Tuple[torch.Tensor, List[Launch]]:
+    """What :func:`conv_gram` runs, without running it: the output tensor (allocated, zeroed
+    where row ranges meet by atomics) and the kernel launches that fill it, in order. Same
+    arguments and checks as :func:`conv_gram`; ``sm_count`` (the GPU's multiprocessors, which
+    size the split-K) defaults to ``x``'s GPU, and to 1 elsewhere. ``x`` may be a ``meta``
+    tensor: ``tools/check_triton.py`` compiles these launches for a GPU that is not there."""
+    geo = _check(x, kernel_size, stride, padding, dilation, groups, precision)
     default = default_config(geo.width, precision)
     block_d = _positive("block_d", block_d, default["block_d"], power_of_two=True)
     block_k = _positive("block_k", block_k, default["block_k"], power_of_two=True)
@@ -442,34 +464,34 @@ def conv_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: i
     width, groups = geo.width, geo.groups
     dtype = _out_dtype(precision)
     if geo.rows == 0 or width == 0:  # no rows (N = 0) or no columns (C = 0): G = 0
-        return torch.zeros((groups, width, width), dtype=dtype, device=x.device)
+        return torch.zeros((groups, width, width), dtype=dtype, device=x.device), []
 
     tiles = triton.cdiv(width, block_d)
     n_upper = tiles * (tiles + 1) // 2
     if n_upper * groups > _INT32_MAX:
         raise ValueError(f"conv_gram: {groups} groups of width d={width} are too many tiles for the grid; "
                          "use a larger block_d")
-    sm_count = 1 if interpreted() or x.device.type != "cuda" else _sm_count(x.device.index or 0)
+    if sm_count is None:
+        sm_count = 1 if interpreted() or x.device.type != "cuda" else _sm_count(x.device.index or 0)
     n_splits, rows_per_split = choose_splits(geo.rows, n_upper * groups, block_k, sm_count, splits)
     # partial tiles meet by atomic adds into zeros; with one range every upper entry is stored
     out = (torch.zeros if n_splits > 1 else torch.empty)((groups, width, width), dtype=dtype,
                                                          device=x.device)
-    # Triton launches on the current CUDA device, which need not be x's
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _conv_gram_kernel[(n_upper * groups, n_splits)](
-            x, out,
-            geo.rows, rows_per_split, geo.positions, width, geo.taps, geo.group_channels, tiles, n_upper,
-            *geo.in_size, geo.out_size[1], geo.out_size[2], geo.kernel[1], geo.kernel[2],
-            *geo.stride, *geo.padding, *geo.dilation,
-            x.stride(0), x.stride(1), *geo.x_strides,
-            MODE=_MODE[precision], BF16_DOT=not interpreted(), ATOMIC=n_splits > 1,
-            CHECK0=geo.padding[0] > 0, CHECK1=geo.padding[1] > 0, CHECK2=geo.padding[2] > 0,
-            BLOCK_D=block_d, BLOCK_K=block_k,
-            num_warps=num_warps, num_stages=num_stages,
-        )
-        if width > 1:
-            _mirror_kernel[(n_upper * groups,)](out, width, tiles, n_upper, BLOCK_D=block_d, num_warps=4)
-    return out
+    launches = [Launch(_conv_gram_kernel, (n_upper * groups, n_splits), (
+        x, out,
+        geo.rows, rows_per_split, geo.positions, width, geo.taps, geo.group_channels, tiles, n_upper,
+        *geo.in_size, geo.out_size[1], geo.out_size[2], geo.kernel[1], geo.kernel[2],
+        *geo.stride, *geo.padding, *geo.dilation,
+        x.stride(0), x.stride(1), *geo.x_strides,
+    ), dict(
+        MODE=_MODE[precision], BF16_DOT=not interpreted(), ATOMIC=n_splits > 1,
+        CHECK0=geo.padding[0] > 0, CHECK1=geo.padding[1] > 0, CHECK2=geo.padding[2] > 0,
+        BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    ))]
+    if width > 1:
+        launches.append(Launch(_mirror_kernel, (n_upper * groups,), (out, width, tiles, n_upper),
+                               dict(BLOCK_D=block_d, num_warps=8 if block_d == 64 else 4)))
+    return out, launches
 
 
 def _check_rows(rows) -> None:

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ..._runtime.checks import alpha as check_alpha
+from . import Launch
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -89,7 +90,7 @@ def _scaled_update_kernel(
             coef = alpha * s / denom  # = λ
         # ieee: TF32 (NVIDIA's fp32 default) keeps 10 mantissa bits, ~1e-3 relative error in the
         # update instead of fp32's ~1e-7; for fp64 operands the argument changes nothing
-        acc = tl.dot(a * coef[None, :], b, acc, input_precision="ieee")
+        acc = tl.dot(a * coef[None, :], b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
     out_mask = mask_m[:, None] & mask_n[None, :]
     if FULL:
@@ -144,10 +145,11 @@ def _check(weight, wu, basis, eigvals, alpha, full) -> Tuple[float, bool]:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the autotune space on a GPU. Tiles of ≥ 16
-# (tl.dot's minimum); 128×128 fp64 tiles may run out of registers, and the autotuner drops any
-# config that does not compile for the device.
-CONFIGS = ((64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 64, 16, 4, 3), (128, 64, 32, 4, 3),
-           (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 128, 16, 8, 2), (16, 128, 32, 4, 2))
+# (tl.dot's minimum). Each one compiles for sm_90 without register spills in fp32 and fp64, full
+# and thin basis, with triton 3.6 and 3.9 (tools/check_triton.py, which fails if one spills);
+# 128 × 128 tiles, and 64 × 64 with 32-deep steps in fp64, spill there and are left out.
+CONFIGS = ((64, 64, 16, 4, 3), (64, 64, 16, 4, 2), (32, 64, 32, 4, 2), (32, 32, 32, 4, 2),
+           (128, 64, 16, 8, 2), (64, 128, 16, 8, 2))
 
 
 def autotuning() -> bool:
@@ -163,9 +165,12 @@ _scaled_update_tuned = triton.autotune(
 )(_scaled_update_kernel)
 
 
-def _blocks(out: int, d: int, r: int) -> Tuple[int, int, int]:
-    """Fixed small tiles (no autotune: the interpreter would run every config). ≥ 16 each,
-    because ``tl.dot`` on the GPU needs M, N, K ≥ 16."""
+DEFAULT_CONFIG = CONFIGS[0]  # a compiled launch with autotuning off
+
+
+def _interpreter_blocks(out: int, d: int, r: int) -> Tuple[int, int, int]:
+    """Small tiles for the interpreter (which would run every autotune config, and pays per
+    element): ≥ 16 each, as ``tl.dot`` on the GPU needs M, N, K ≥ 16."""
     def fit(n, cap):
         return max(16, min(cap, triton.next_power_of_2(n)))
     return fit(out, 64), fit(d, 64), fit(r, 32)
@@ -185,7 +190,8 @@ def scaled_update(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor, e
         full: the careful full-basis form; None means ``r == d``. ``full=False`` with a square
             basis uses the thin form (same value, less accurate at large α).
         config: ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` to force one tile
-            configuration (benchmarks, tests); None = autotuned on a GPU, fixed small tiles in
+            configuration (benchmarks, tests); None = autotuned over :data:`CONFIGS` on a GPU
+            (:data:`DEFAULT_CONFIG` with ``SAP_FAST_TRITON_AUTOTUNE=0``), small fixed tiles in
             the interpreter.
 
     Returns:
@@ -195,41 +201,47 @@ def scaled_update(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor, e
         ValueError: shapes, dtypes or devices disagree, α is not finite and > 0, ``full=True``
             with ``r < d``, or CPU tensors without the Triton interpreter.
     """
-    alpha, full = _check(weight, wu, basis, eigvals, alpha, full)
-    if weight.device.type == "cpu" and not interpreted():
+    if isinstance(weight, torch.Tensor) and weight.device.type == "cpu" and not interpreted():
         raise ValueError("scaled_update: CPU tensors need TRITON_INTERPRET=1 set before importing "
                          "sap_fast.backends.triton.update; use scaled_update_reference on CPU")
+    result, launches = scaled_update_launches(weight, wu, basis, eigvals, alpha, full=full, config=config)
+    with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():  # the inputs' GPU
+        for launch in launches:
+            launch()
+    return result
+
+
+def scaled_update_launches(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor,
+                           eigvals: torch.Tensor, alpha: float, *, full: Optional[bool] = None,
+                           config: Optional[Tuple[int, int, int, int, int]] = None,
+                           autotune: Optional[bool] = None) -> Tuple[torch.Tensor, List[Launch]]:
+    """What :func:`scaled_update` runs, without running it: the result tensor (allocated, or
+    zeroed when there is nothing to launch) and its launches. Same arguments and checks;
+    ``autotune`` overrides :func:`autotuning` (``tools/check_triton.py`` compiles both routes
+    for a GPU that is not there, on ``meta`` tensors)."""
+    alpha, full = _check(weight, wu, basis, eigvals, alpha, full)
     groups, out, d = weight.shape
     r = basis.shape[-1]
     result = torch.empty((groups, out, d), dtype=weight.dtype, device=weight.device)
     if result.numel() == 0:
-        return result
+        return result, []
     if r == 0:  # thin basis spanning nothing: every direction gets λ = 0
-        return result.zero_()
+        return result.zero_(), []
     total = eigvals.sum(-1)  # (groups,), contiguous: the same Σe as the twin
     alpha_t = torch.full((1,), alpha, dtype=weight.dtype, device=weight.device)
-    with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():  # the inputs' GPU
-        _launch(result, weight, wu, basis, eigvals, total, alpha_t, out, d, r, groups, full, config)
-    return result
-
-
-def _launch(result, weight, wu, basis, eigvals, total, alpha_t, out, d, r, groups, full, config) -> None:
     args = (result, weight, wu, basis, eigvals, total, alpha_t, out, d, r,
             *result.stride(), *weight.stride(), *wu.stride(), *basis.stride(), *eigvals.stride())
-    if config is None and autotuning():
+    if config is None and (autotuning() if autotune is None else autotune):
         def grid(meta):
             return triton.cdiv(out, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_N"]), groups
-        _scaled_update_tuned[grid](*args, FULL=full)
-        return
+        return result, [Launch(_scaled_update_tuned, grid, args, dict(FULL=full))]
     if config is None:
-        block_m, block_n, block_k = _blocks(out, d, r)
-        warps, stages = 4, None
-    else:
-        block_m, block_n, block_k, warps, stages = config
+        config = DEFAULT_CONFIG if not interpreted() else (*_interpreter_blocks(out, d, r), 4, None)
+    block_m, block_n, block_k, warps, stages = config
     grid = (triton.cdiv(out, block_m), triton.cdiv(d, block_n), groups)
     extra = {} if stages is None else {"num_stages": stages}
-    _scaled_update_kernel[grid](*args, FULL=full, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                num_warps=warps, **extra)
+    return result, [Launch(_scaled_update_kernel, grid, args, dict(
+        FULL=full, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **extra))]
 
 
 def scaled_update_reference(weight: torch.Tensor, wu: torch.Tensor, basis: torch.Tensor,
