@@ -4,11 +4,14 @@
 # and:
 #   make test-fast   the suite without the tests marked slow
 #   make check-cuda  compile every CUDA source with nvcc, then through NVRTC (no GPU, no link)
+#   make check-triton  compile every Triton launch for sm_90 with the installed Triton and with
+#                      the GPU machine's (3.6.0); fails on a compile error or a spilling default
+#   make gpu-dry-run   every phase of benchmarks/gpu_suite.sh on the CPU at smoke size
 #   make bench       the CPU benchmarks
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: tools setup setup-demo demo test test-fast check-cuda bench
+.PHONY: tools setup setup-demo demo test test-fast check-cuda check-triton gpu-dry-run bench
 
 # torch first (the CPU wheel here; a GPU machine keeps its own), then the build tools; the package
 # is installed without build isolation so its extension compiles against that torch
@@ -38,6 +41,16 @@ test-fast: setup
 
 check-cuda:
 	PYTHON=$(PYTHON) bash tools/check_cuda.sh
+
+# the Triton of the GPU machine's torch (2.11.0+cu130 pins triton 3.6.0); installed beside the test
+# stack into build/triton-3.6.0, never over it
+DEVICE_TRITON ?= 3.6.0
+check-triton:
+	$(PYTHON) tools/check_triton.py --json build/check-triton-installed.json
+	$(PYTHON) tools/check_triton.py --triton $(DEVICE_TRITON) --json build/check-triton-$(DEVICE_TRITON).json
+
+gpu-dry-run:
+	OUT=build/gpu-dry-run bash benchmarks/gpu_suite.sh --dry-run all
 
 bench: setup
 	$(PYTHON) benchmarks/bench_cpu.py

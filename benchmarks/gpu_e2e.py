@@ -36,6 +36,7 @@ import contextlib
 import copy
 import os
 import sys
+import time
 
 import torch
 
@@ -45,12 +46,13 @@ sys.path.insert(0, os.path.dirname(HERE))
 import sap_fast  # noqa: E402
 from sap_fast.project import Projector  # noqa: E402
 from sap_fast.sweep import DEFAULT_ALPHAS  # noqa: E402
-from common import write_results  # noqa: E402
+from common import Deadline, JsonLines, verdict, write_results  # noqa: E402
 from gpu_gram import Timer  # noqa: E402
 from sap_fast.experiments import zoo as bench_models  # noqa: E402
 
 CORRECT_ALPHA = 3e4
 TARGETS_S = {"resnet50": 0.5, "vit_b_16": 1.0}  # correct() in exact mode on an H100: the target
+OFFICIAL_SPEEDUP = 50  # the sweep must beat the official approach by this much
 
 
 def eval_context(device: torch.device, fast: bool):
@@ -93,7 +95,9 @@ def time_twin(projector, work, device) -> float:
     return t.seconds / len(DEFAULT_ALPHAS)
 
 
-def run_model(name: str, args, device: torch.device) -> dict:
+def run_model(name: str, args, device: torch.device, log, deadline) -> dict:
+    """One model; each solver's row is written to ``log`` (benchmarks/common.JsonLines) as soon
+    as it is measured, then the official approach's (capped by time)."""
     torch.manual_seed(0)
     model = bench_models.build(name, num_classes=14, device=device, image_size=args.image_size).eval()
     size = args.image_size
@@ -122,7 +126,15 @@ def run_model(name: str, args, device: torch.device) -> dict:
     work = copy.deepcopy(model)
     if fast_eval:
         work = work.to(memory_format=torch.channels_last)
+    log.write({"kind": "model", "model": name, **out})
+    out["skipped"] = []
+    last_s = 0.0
     for solver in ("eigh", "cholesky"):
+        if not deadline.allows(1.5 * last_s + 10):
+            out["skipped"].append(solver)
+            log.write({"kind": "skipped", "model": name, "solver": solver, "reason": "out of time"})
+            continue
+        solver_start = time.perf_counter()
         with Timer(device) as t:
             projector = Projector(model, stats, solver=solver)
         row = {"setup_s": t.seconds, "update_s": {}, "eval_s": {}, "val_accuracy": {}}
@@ -150,10 +162,17 @@ def run_model(name: str, args, device: torch.device) -> dict:
                                     batch_size=args.batch, solver=solver, show_progress=False)
         row["sweep_call_s"] = t.seconds
         row["sweep_call_best_alpha"] = result.best_alpha
+        target = TARGETS_S.get(name)
+        row["verdicts"] = {"correct_s": verdict(row["correct_s"] if target else None, target or 0.0)}
         out[solver] = row
+        log.write({"kind": "solver", "model": name, "solver": solver, **row})
         del projector, result
+        last_s = time.perf_counter() - solver_start
     out["target_correct_s"] = TARGETS_S.get(name)
-    if args.official:
+    limit = min(args.official_seconds, max(0.0, deadline.left() - 20))
+    if args.official and limit <= 0:
+        log.write({"kind": "skipped", "model": name, "check": "official", "reason": "out of time"})
+    elif args.official:
         from sap_fast.experiments.official import official_correct
         evals = {}
 
@@ -165,16 +184,25 @@ def run_model(name: str, args, device: torch.device) -> dict:
             evals[str(alpha)] = t.seconds
 
         res = official_correct(model, trusted, list(DEFAULT_ALPHAS), max_samples=args.official_rows,
-                               max_batch_size=args.batch, on_model=on_model)
+                               max_batch_size=args.batch, on_model=on_model, time_limit=limit)
         times = res.stage_times
         total = times["gather"] + times["svd"] + sum(times["project"].values())
+        # capped: the official run stopped early, so its times (and the speed-ups) are lower bounds
         out["official"] = {"gather_s": times["gather"], "svd_s": times["svd"],
                            "project_s": {str(a): s for a, s in times["project"].items()},
-                           "eval_s": evals, "total_s": total, "total_with_evals_s": total + sum(evals.values())}
+                           "eval_s": evals, "total_s": total, "total_with_evals_s": total + sum(evals.values()),
+                           "time_cap_s": limit, "capped": res.capped, "progress": res.progress}
         for solver in ("eigh", "cholesky"):
+            if solver not in out:
+                continue
             row = out[solver]
             row["speedup_vs_official"] = total / row["sweep_s"]
             row["speedup_vs_official_with_evals"] = out["official"]["total_with_evals_s"] / (row["sweep_s"] + row["evals_s"])
+            row["verdicts"]["speedup_vs_official"] = verdict(row["speedup_vs_official"], OFFICIAL_SPEEDUP,
+                                                             at_most=False, bound=res.capped)
+        log.write({"kind": "official", "model": name, **out["official"],
+                   "speedup_vs_official": {s: out[s]["verdicts"]["speedup_vs_official"]
+                                           for s in ("eigh", "cholesky") if s in out}})
     return out
 
 
@@ -182,7 +210,7 @@ def table(results: dict) -> str:
     lines = ["| model | solver | scoring | stats | spectra/prepare | update per α | correct() | sweep (no evals) "
              "| evals | extra α | vs official (with evals) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, res in results.items():
-        for solver in ("eigh", "cholesky"):
+        for solver in [s for s in ("eigh", "cholesky") if s in res]:
             row = res[solver]
             per = [row["update_s"][str(a)] for a in DEFAULT_ALPHAS]
             twin = f" (torch twin {1e3 * row['update_twin_s']:.1f} ms)" if "update_twin_s" in row else ""
@@ -203,6 +231,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--official-rows", type=int, default=50000)
+    parser.add_argument("--official-seconds", type=float, default=120.0,
+                        help="time cap of the official approach per model (its times are then lower bounds)")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds this run may take; items that would not fit are skipped and said so "
+                             "(also SAP_FAST_DEADLINE, an epoch time)")
+    parser.add_argument("--jsonl", help="also write every measurement as one JSON line, flushed as it is made")
     parser.add_argument("--no-official", dest="official", action="store_false")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="smoke run: 32×32 images, a few samples")
@@ -213,9 +247,15 @@ def main(argv=None) -> int:
         args.official_rows = min(args.official_rows, 500)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    deadline, log = Deadline(args.time_budget), JsonLines(args.jsonl)
+    log.write({"kind": "setup", "device": name, "command": " ".join(["python3"] + sys.argv),
+               "torch": torch.__version__, "cuda": torch.version.cuda, "args": vars(args)})
     results = {}
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        results[model_name] = run_model(model_name, args, device)
+        if not deadline.allows(30):
+            log.write({"kind": "skipped", "model": model_name, "reason": "out of time"})
+            continue
+        results[model_name] = run_model(model_name, args, device, log, deadline)
         print(f"{model_name}: done", flush=True)
     print(table(results))
     slug = name.replace(" ", "-").replace("/", "-")

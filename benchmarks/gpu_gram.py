@@ -40,6 +40,7 @@ activations.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import math
 import os
@@ -54,7 +55,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import sap_fast  # noqa: E402
 from sap_fast import accumulate  # noqa: E402
-from common import write_results  # noqa: E402
+from common import Deadline, JsonLines, verdict, write_results  # noqa: E402
 from sap_fast.experiments import zoo as bench_models  # noqa: E402
 from sap_fast.experiments.zoo import shift_macs  # noqa: E402
 
@@ -74,6 +75,8 @@ GEMM_DTYPES = {"fp64": (torch.float64, False), "fp32": (torch.float32, False),
 def mode_settings(mode: str) -> tuple:
     """(collect_stats keyword arguments, SAP_FAST_GRAM_KERNEL value, GEMM precision)."""
     base, kernel = KERNELS.get(mode, (mode, "auto"))
+    if base in ("tf32", "bf16"):  # only Triton serves them on a GPU; named, the interpreter does on CPU
+        kernel = "triton"
     return MODES[base], kernel, base
 ALPHAS = (1e3, 3e4, 1e6)
 WP_LIMIT = 1e-4  # the default mode must keep Wp within this relative error
@@ -143,6 +146,8 @@ def wp_errors(stats, oracle, alphas, max_d=None) -> dict:
     for alpha in alphas:
         got, want = wp_matrices(stats, alpha, max_d), wp_matrices(oracle, alpha, max_d)
         per = [float((got[n] - want[n]).norm() / want[n].norm()) for n in want]
+        if not per:  # no layer within max_d
+            return {}
         errors[f"{alpha:g}"] = {"max": max(per), "median": statistics.median(per)}
         del got, want
     return errors
@@ -164,7 +169,33 @@ def forward_only(model, x, batch: int, device, repeats: int) -> tuple:
     return best, peak
 
 
-def run_model(name: str, args, device: torch.device, rates: dict) -> dict:
+FLOOR_LIMIT = 1.5      # a mode's Gram time may be at most this multiple of its floor (shift form)
+ORACLE_LIMIT = 1e-10   # fp64 Grams on the GPU against the float64 materialised-R oracle (relative)
+OFFICIAL_SPEEDUP = 50  # the Gram must beat the official approach's gather + SVD by this much
+
+
+def oracle_error(model, x, mode: str) -> float:
+    """max over layers of ‖G − RᵀR‖_F / ‖RᵀR‖_F: ``mode``'s Gram (its kernels, on ``x``'s device)
+    against the Grams of sap_fast.reference's materialised float64 R. Both run a float64 copy
+    of the model on float64 inputs, so they see the same activations at every layer and only
+    the kernels' summation order differs."""
+    from sap_fast import reference
+    kwargs, kernel, _ = mode_settings(mode)
+    os.environ["SAP_FAST_GRAM_KERNEL"] = kernel
+    model64, x64 = copy.deepcopy(model).double(), x.double()
+    stats = sap_fast.collect_stats(model64, x64, batch_size=x.shape[0], show_progress=False, **kwargs)
+    worst = 0.0
+    for name, groups in reference.representations(model64, x64).items():
+        g = stats[name].gram.double()
+        want = torch.stack([r.T @ r for r in groups]).to(g.device)
+        worst = max(worst, float((g - want).norm() / want.norm().clamp_min(1e-300)))
+        del want
+    return worst
+
+
+def run_model(name: str, args, device: torch.device, rates: dict, log, deadline) -> dict:
+    """One model: every mode's row written to ``log`` (benchmarks/common.JsonLines) as soon as
+    it is measured, then the oracle checks and the official approach (capped by time)."""
     torch.manual_seed(0)
     model = bench_models.build(name, num_classes=14, device=device, image_size=args.image_size).eval()
     census = bench_models.census(model, args.image_size)
@@ -175,9 +206,16 @@ def run_model(name: str, args, device: torch.device, rates: dict) -> dict:
     shift = sum(shift_macs(model, layer) for layer in distinct) * args.samples
     out = {"source": model.bench_source, "samples": args.samples, "batch": args.batch,
            "image_size": args.image_size, "forward_s": fwd_seconds,
-           "gram_tflop_sym": 2 * sym / 1e12, "gram_tflop_shift": 2 * shift / 1e12, "modes": {}}
+           "gram_tflop_sym": 2 * sym / 1e12, "gram_tflop_shift": 2 * shift / 1e12, "modes": {}, "skipped": []}
+    log.write({"kind": "model", "model": name, **{k: v for k, v in out.items() if k not in ("modes", "skipped")}})
     oracle = None
+    last_s = 0.0
     for mode in args.modes:
+        # a mode costs a warm-up and `repeats` timed runs; the previous one's time is the guess
+        if not deadline.allows(2 * (args.repeats + 1) * last_s + 10):
+            out["skipped"].append(mode)
+            log.write({"kind": "skipped", "model": name, "mode": mode, "reason": "out of time"})
+            continue
         kwargs, kernel, base = mode_settings(mode)
         os.environ["SAP_FAST_GRAM_KERNEL"] = kernel
         sap_fast.collect_stats(model, x[:args.batch], batch_size=args.batch, show_progress=False, **kwargs)
@@ -191,6 +229,7 @@ def run_model(name: str, args, device: torch.device, rates: dict) -> dict:
             with Timer(device) as t:
                 stats = sap_fast.collect_stats(model, x, batch_size=args.batch, show_progress=False, **kwargs)
             best = min(best, t.seconds)
+        last_s = best
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         grams = sum(stats[n].gram.numel() * stats[n].dtype.itemsize
                     for n in {id(stats[k]): k for k in stats}.values())
@@ -198,30 +237,61 @@ def run_model(name: str, args, device: torch.device, rates: dict) -> dict:
         row = {"collect_s": best, "gram_s": gram_s,
                "floor_sym_s": 2 * sym / rates[base], "floor_shift_s": 2 * shift / rates[base],
                "grams_MB": grams / 1e6, "chunk_MB": accumulate.CHUNK_ELEMENTS * kwargs["dtype"].itemsize / 1e6,
-               "peak_extra_MB": max(0, peak - fwd_peak) / 1e6 if device.type == "cuda" else None}
+               "peak_extra_MB": max(0, peak - fwd_peak) / 1e6 if device.type == "cuda" else None,
+               "gram_kernel_choice": kernel}
         row["ratio"] = gram_s / row["floor_shift_s"]
         if mode == "fp64":
             oracle = stats
+            row["wp_error"] = {f"{a:g}": {"max": 0.0, "median": 0.0} for a in ALPHAS}
         elif oracle is not None:
             row["wp_error"] = wp_errors(stats, oracle, ALPHAS, args.wp_max_d)
+        row["verdicts"] = {"gram_vs_floor": verdict(row["ratio"], FLOOR_LIMIT)}
         out["modes"][mode] = row
+        log.write({"kind": "mode", "model": name, "mode": mode, **row})
         if mode != "fp64":
             del stats
     os.environ["SAP_FAST_GRAM_KERNEL"] = "auto"
-    if oracle is not None and "fp64" in out["modes"]:
-        out["modes"]["fp64"]["wp_error"] = {f"{a:g}": {"max": 0.0, "median": 0.0} for a in ALPHAS}
     del oracle
+    # the fp64 modes on the GPU against the float64 oracle, on a few samples
+    out["oracle"] = {}
+    for mode in [m for m in out["modes"] if mode_settings(m)[2] == "fp64"]:
+        if not deadline.allows(30):
+            log.write({"kind": "skipped", "model": name, "check": "oracle", "mode": mode, "reason": "out of time"})
+            continue
+        err = oracle_error(model, x[:args.oracle_samples], mode)
+        out["oracle"][mode] = {"max_rel_err": err, "verdict": verdict(err, ORACLE_LIMIT)}
+        log.write({"kind": "oracle", "model": name, "mode": mode, "samples": args.oracle_samples,
+                   **out["oracle"][mode]})
+    os.environ["SAP_FAST_GRAM_KERNEL"] = "auto"
     if args.official:
-        from sap_fast.experiments.official import official_correct
-        res = official_correct(model, x, [3e4], max_samples=args.official_rows, max_batch_size=args.batch,
-                               on_model=lambda alpha, corrected: None)
-        official_s = res.stage_times["gather"] + res.stage_times["svd"]
-        out["official"] = {"gather_s": res.stage_times["gather"], "svd_s": res.stage_times["svd"],
-                           "max_rows": args.official_rows}
-        for row in out["modes"].values():
-            row["speedup_vs_official"] = official_s / row["gram_s"]
+        limit = min(args.official_seconds, max(0.0, deadline.left() - 20))
+        if limit <= 0:
+            log.write({"kind": "skipped", "model": name, "check": "official", "reason": "out of time"})
+        else:
+            from sap_fast.experiments.official import official_correct
+            res = official_correct(model, x, [3e4], max_samples=args.official_rows, max_batch_size=args.batch,
+                                   on_model=lambda alpha, corrected: None, time_limit=limit)
+            official_s = res.stage_times["gather"] + res.stage_times["svd"]
+            out["official"] = {"gather_s": res.stage_times["gather"], "svd_s": res.stage_times["svd"],
+                               "max_rows": args.official_rows, "time_cap_s": limit, "capped": res.capped,
+                               "progress": res.progress}
+            for mode, row in out["modes"].items():
+                row["speedup_vs_official"] = official_s / row["gram_s"]
+                row["verdicts"]["speedup_vs_official"] = verdict(row["speedup_vs_official"], OFFICIAL_SPEEDUP,
+                                                                 at_most=False, bound=res.capped)
+            log.write({"kind": "official", "model": name, **out["official"],
+                       "speedup_vs_official": {m: r["verdicts"]["speedup_vs_official"]
+                                               for m, r in out["modes"].items()}})
     out["default_mode"] = choose_default(out["modes"])
     return out
+
+
+def triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except Exception:  # noqa: BLE001 - a version string, or None where Triton does not import
+        return None
 
 
 def choose_default(modes: dict) -> str:
@@ -254,6 +324,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--official-rows", type=int, default=50000)
+    parser.add_argument("--official-seconds", type=float, default=120.0,
+                        help="time cap of the official approach per model (its times are then lower bounds)")
+    parser.add_argument("--oracle-samples", type=int, default=8,
+                        help="samples of the float64 oracle check of the fp64 modes")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds this run may take; items that would not fit are skipped and said so "
+                             "(also SAP_FAST_DEADLINE, an epoch time)")
+    parser.add_argument("--jsonl", help="also write every measurement as one JSON line, flushed as it is made")
     parser.add_argument("--no-official", dest="official", action="store_false")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gemm-size", type=int, default=8192)
@@ -267,6 +345,7 @@ def main(argv=None) -> int:
         args.samples, args.batch, args.image_size, args.gemm_size, args.repeats = 4, 2, 32, 256, 1
         args.official_rows = min(args.official_rows, 500)
         args.wp_max_d = args.wp_max_d or 600
+        args.oracle_samples = min(args.oracle_samples, 2)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in MODES and m not in KERNELS]
     if unknown:
@@ -276,11 +355,16 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.deterministic = True  # the same activations in every mode's pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    deadline = Deadline(args.time_budget)
+    log = JsonLines(args.jsonl)
     rates = {m: matrix_rate(m, device, args.gemm_size) for m in {mode_settings(x)[2] for x in args.modes}}
     print("matrix rates (TFLOP/s):", {m: round(r / 1e12, 2) for m, r in rates.items()}, flush=True)
+    log.write({"kind": "setup", "device": name, "command": " ".join(["python3"] + sys.argv),
+               "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version(),
+               "rates_tflops": {m: r / 1e12 for m, r in rates.items()}, "args": vars(args)})
     results = {}
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        results[model_name] = run_model(model_name, args, device, rates)
+        results[model_name] = run_model(model_name, args, device, rates, log, deadline)
         print(f"{model_name}: done", flush=True)
     print(table(results))
     slug = name.replace(" ", "-").replace("/", "-")

@@ -1,66 +1,132 @@
 #!/usr/bin/env bash
-# Every GPU benchmark, in phases of at most about ten minutes each:
+# The GPU suite, one phase per call, each sized to a device lease: it ends within its budget
+# (540 s by default, the build included), writes at most 7 files under $OUT, and writes each
+# result as soon as it is measured, so a timeout or a crash keeps everything before it.
 #
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh tests     # build (if needed) + info + GPU tests
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh gram      # Gram accumulation: benchmarks/gpu_gram.py
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh e2e       # end to end: benchmarks/gpu_e2e.py
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh bench     # the pytest-benchmark suite (test_gpu.py)
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh cupy      # the cupy backend: tests/backends/test_nvrtc.py
-#                                                       # + benchmarks/gpu_cupy.py (about 5 min)
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh           # all of them in order (about 30 min)
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh tests    # probe, build, the GPU tests (pytest, 120 s per test)
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh gram     # probe, build, Gram per precision (benchmarks/gpu_gram.py)
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh e2e      # probe, build, correct()/sweep() (benchmarks/gpu_e2e.py)
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh cupy     # probe, build, NVRTC + batched cuSOLVER (tests + gpu_cupy.py)
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh bench    # probe, build, pytest-benchmark (benchmarks/test_gpu.py)
+#   bash benchmarks/gpu_suite.sh --dry-run all         # every phase on the CPU at smoke size (CI)
 #
-# Every phase builds the extension first unless a CUDA build is already there (a device machine
-# that went idle comes back bare). Results go under $OUT (default benchmarks/results/gpu-run):
-# versions.txt, build.log, backend_info.json, gpu-tests.{txt,xml}, gpu-gram.json, gpu-e2e.json,
-# gpu-bench.json, cupy-tests.{txt,xml}, gpu-cupy.json, and each phase's log. Commit the JSON to benchmarks/results/ with the device
-# name in the file name.
+# Every phase starts the same way: benchmarks/gpu_probe.py (what the machine holds; one line per
+# missing thing) -> probe.txt; the native CUDA build, capped at $BUILD_CAP seconds, unless the
+# probe found something missing or a CUDA build is already there -> build.log (its last lines);
+# python3 -m sap_fast.info -> backend_info.json. A failed or skipped build is said in one line and
+# the phase carries on with the Triton, cupy and portable routes. It ends with
+# benchmarks/verdicts.py -> verdicts.txt (also printed): each measured item against its target.
+#
+# Files per phase (at most 7): probe.txt build.log backend_info.json verdicts.txt and
+#   tests: tests.xml tests.txt        gram: gram.jsonl gram.json gram.log
+#   e2e:   e2e.jsonl e2e.json e2e.log cupy: cupy.xml cupy.txt cupy.json   bench: bench.json bench.log
+#
+# Environment: OUT (default benchmarks/results/gpu-run), PHASE_BUDGET (seconds, default 540),
+# BUILD_CAP (default 240), MODELS (gram: resnet50; e2e: resnet50,vit_b_16), MODES (gram:
+# fp64,fp32,tf32,bf16), OFFICIAL_S (the official approach's time cap per model: gram 60, e2e 45),
+# TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default 16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+START=$(date +%s)
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+PHASES=("$@")
+[[ ${#PHASES[@]} -eq 0 || "${PHASES[0]}" == all ]] && PHASES=(tests gram e2e cupy bench)
+for p in "${PHASES[@]}"; do
+  case "$p" in tests|gram|e2e|cupy|bench) ;; *) echo "gpu_suite: unknown phase '$p': use tests, gram, e2e, cupy, bench or all" >&2; exit 2 ;; esac
+done
+if (( ${#PHASES[@]} > 1 && ! DRY )); then
+  echo "gpu_suite: one phase per call on a device (each fits one lease); got ${PHASES[*]}" >&2; exit 2
+fi
+
 OUT="${OUT:-benchmarks/results/gpu-run}"
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" SAP_FAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
+BUDGET="${PHASE_BUDGET:-540}"
+BUILD_CAP="${BUILD_CAP:-240}"
+export SAP_FAST_DEADLINE=$(( START + BUDGET - 15 ))   # the Python scripts skip what would not fit
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package from this tree, built in place
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+SMOKE=()
+if (( DRY )); then
+  export TRITON_INTERPRET=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  SMOKE=(--tiny --device cpu)
+fi
 
-ensure_built() {
-  if python -c "import sap_fast._C as c, sys; sys.exit(0 if c.build_info()['cuda'] else 1)" 2>/dev/null; then
-    return 0
+left() { echo $(( SAP_FAST_DEADLINE - $(date +%s) )); }
+
+prepare() {
+  python3 benchmarks/gpu_probe.py >"$OUT/probe.txt" 2>&1
+  local can_build=$?
+  grep -E '^(missing|native)' "$OUT/probe.txt"
+  if (( DRY )); then
+    echo "build: skipped (dry run: the CPU build in place)" | tee "$OUT/build.log"
+  elif python3 -c "import sap_fast._C as c, sys; sys.exit(0 if c.build_info()['cuda'] else 1)" 2>/dev/null; then
+    echo "build: a CUDA build is already here" | tee "$OUT/build.log"
+  elif (( can_build != 0 )); then
+    echo "build: skipped, the probe found something missing (probe.txt)" | tee "$OUT/build.log"
+  else
+    local t0=$SECONDS log; log=$(mktemp)
+    SAP_FAST_CUDA=1 timeout "$BUILD_CAP" python3 setup.py build_ext --inplace >"$log" 2>&1
+    local rc=$?
+    { tail -n 150 "$log"; echo; echo "exit status $rc after $(( SECONDS - t0 )) s"; } >"$OUT/build.log"
+    rm -f "$log"
+    if (( rc == 124 )); then echo "build: stopped at the ${BUILD_CAP} s cap; carrying on with the Triton, cupy and portable routes"
+    elif (( rc != 0 )); then echo "build: failed (build.log); carrying on with the Triton, cupy and portable routes"
+    else echo "build: ok in $(( SECONDS - t0 )) s"; fi
   fi
-  {
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-    nvcc --version | tail -2
-  } >"$OUT/versions.txt" 2>&1
-  local start; start=$(date +%s)
-  pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
-  echo "build: $(( $(date +%s) - start )) s"
-  python -m sap_fast.info | tee "$OUT/backend_info.json"
+  python3 -m sap_fast.info >"$OUT/backend_info.json" 2>&1 || echo "sap_fast.info failed (backend_info.json)"
+}
+
+# pytest with a time limit per test (pytest-timeout) and for the whole run
+run_pytest() {
+  local name=$1; shift
+  local limit=(); python3 -c "import pytest_timeout" 2>/dev/null && limit=(--timeout=120)
+  timeout "$(left)" python3 -m pytest -q -rs -p no:cacheprovider "${limit[@]}" --junitxml="$OUT/$name.xml" "$@" \
+    >"$OUT/$name.txt" 2>&1
+  local rc=$?; tail -n 5 "$OUT/$name.txt"; (( rc == 124 )) && echo "$name: stopped at the phase's time budget"
+  return 0
 }
 
 phase() {
+  echo "== $1 ($(left) s left)"
   case "$1" in
     tests)
-      python -m pytest -q tests/backends/test_cuda_ops.py tests/backends/test_triton_update.py tests/backends/test_triton_gram.py \
-        tests/backends/test_native_cpu.py tests/core/test_solve.py tests/core/test_no_sync.py \
-        --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.txt" | tail -15 ;;
-    gram) python benchmarks/gpu_gram.py --out "$OUT/gpu-gram.json" 2>&1 | tee "$OUT/gram.log" | tail -20 ;;
-    e2e) python benchmarks/gpu_e2e.py --out "$OUT/gpu-e2e.json" 2>&1 | tee "$OUT/e2e.log" | tail -20 ;;
-    bench)
-      python -m pytest benchmarks/test_gpu.py --benchmark-only --benchmark-group-by=group \
-        --benchmark-json="$OUT/gpu-bench.json" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+      run_pytest tests tests/backends/test_cuda_ops.py tests/backends/test_triton_update.py \
+        tests/backends/test_triton_gram.py tests/backends/test_nvrtc.py tests/backends/test_native_cpu.py \
+        tests/core/test_solve.py tests/core/test_no_sync.py ;;
+    gram)
+      timeout "$(left)" python3 benchmarks/gpu_gram.py --models "${MODELS:-resnet50}" \
+        --modes "${MODES:-$( ((DRY)) && echo fp64,fp32,tf32,bf16,fp64-triton,fp32-triton,fp64-shift,fp32-shift || echo fp64,fp32,tf32,bf16)}" \
+        --official-seconds "${OFFICIAL_S:-60}" "${SMOKE[@]}" \
+        --jsonl "$OUT/gram.jsonl" --out "$OUT/gram.json" >"$OUT/gram.log" 2>&1
+      echo "gpu_gram.py: exit status $?"; tail -n 20 "$OUT/gram.log" ;;
+    e2e)
+      local sizes=(--pool 2000 --val 1000)
+      (( DRY )) && sizes=()
+      timeout "$(left)" python3 benchmarks/gpu_e2e.py --models "${MODELS:-resnet50,vit_b_16}" "${sizes[@]}" \
+        --official-seconds "${OFFICIAL_S:-45}" "${SMOKE[@]}" \
+        --jsonl "$OUT/e2e.jsonl" --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
+      echo "gpu_e2e.py: exit status $?"; tail -n 12 "$OUT/e2e.log" ;;
     cupy)
-      # A device machine reaches no package index: without cupy, install it from wheels carried
-      # in build/wheels (`pip download -d build/wheels cupy-cuda13x cuda-pathfinder` beforehand).
-      python -c "import cupy" 2>/dev/null || { [[ -d build/wheels ]] && \
-        pip install -q --no-index --find-links build/wheels cupy-cuda13x; }
-      python -m pytest -q -rs tests/backends/test_nvrtc.py --junitxml="$OUT/cupy-tests.xml" 2>&1 \
-        | tee "$OUT/cupy-tests.txt" | tail -15
-      python benchmarks/gpu_cupy.py --out "$OUT/gpu-cupy.json" 2>&1 | tee "$OUT/cupy.log" | tail -30 ;;
-    *) echo "unknown phase '$1': use tests, gram, e2e, bench or cupy"; exit 2 ;;
+      run_pytest cupy tests/backends/test_nvrtc.py
+      local plan=(); (( DRY )) && plan=(--plan)
+      { timeout "$(left)" python3 benchmarks/gpu_cupy.py "${plan[@]}" --out "$OUT/cupy.json"; \
+        echo "gpu_cupy.py: exit status $?"; } >>"$OUT/cupy.txt" 2>&1
+      tail -n 15 "$OUT/cupy.txt" ;;
+    bench)
+      local only=(--benchmark-only); (( DRY )) && only=(--benchmark-disable)
+      timeout "$(left)" python3 -m pytest -q -p no:cacheprovider benchmarks/test_gpu.py "${only[@]}" \
+        --benchmark-group-by=group --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
+      echo "bench: exit status $?"; tail -n 25 "$OUT/bench.log" ;;
   esac
 }
 
-ensure_built
-for p in "${@:-tests gram e2e bench cupy}"; do
-  for q in $p; do
-    echo "== $q"; phase "$q"
-  done
+prepare
+for p in "${PHASES[@]}"; do
+  (( DRY )) && export SAP_FAST_DEADLINE=$(( $(date +%s) + BUDGET - 15 ))  # the dry run: each phase its own budget
+  phase "$p"
 done
+python3 benchmarks/verdicts.py "$OUT" | tee "$OUT/verdicts.txt"
+status=${PIPESTATUS[0]}
+echo "gpu_suite: ${PHASES[*]} in $(( $(date +%s) - START )) s; files in $OUT: $(ls "$OUT" | wc -l)"
+exit "$status"

@@ -17,3 +17,4 @@ def test_default_mode_is_the_fastest_within_the_error_limit():
     assert gpu_gram.choose_default(modes) == "fp32"
     modes["fp32"]["wp_error"]["1e6"]["max"] = 2e-4  # over the limit at one α: out
     assert gpu_gram.choose_default(modes) == "fp64"
+

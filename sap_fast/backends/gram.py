@@ -65,9 +65,13 @@ def route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: b
     ``choice="triton"`` sends convs and linear layers to Triton, ``choice="shift"`` sends a conv
     to ``"torch-shift"`` where ``shift_pays``. tf32 and bf16 (float32 Gram) go only to Triton,
     which runs them on tensor cores. tf32/bf16 inputs with a float64 Gram, and everything on the
-    CPU but the shift kernel, stream rows (rounded as asked).
+    CPU but the shift kernel, stream rows (rounded as asked). On the CPU, ``choice="triton"``
+    with Triton's interpreter running (``triton_ok``) sends every call that Triton serves on a
+    GPU to the interpreted kernel: the CPU twin of every GPU mode, for tests and dry runs.
     """
     if device_type == "cpu":
+        if choice == "triton" and triton_ok:  # Triton's interpreter, asked for by name
+            return "triton" if (input_precision == "fp32" or dtype == torch.float32) else None
         return "shift" if (conv and native_cpu and stride_one_spatial and input_precision == "fp32") else None
     if device_type != "cuda":
         return None
@@ -90,8 +94,11 @@ def route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: b
 
 
 def _choice_for(x: torch.Tensor) -> str:
-    """``SAP_FAST_GRAM_KERNEL``, read for GPU tensors only (CPU calls have one route each)."""
-    return kernel_choice() if x.device.type == "cuda" else "auto"
+    """``SAP_FAST_GRAM_KERNEL``, read for GPU tensors, and on the CPU under Triton's interpreter
+    (where ``triton`` runs the interpreted kernels); other CPU calls have one route each."""
+    if x.device.type == "cuda" or triton.for_device("gram", x.device.type) is not None:
+        return kernel_choice()
+    return "auto"
 
 
 def _route_call(module: nn.Module, x: torch.Tensor, dtype: torch.dtype,
@@ -111,7 +118,7 @@ def _route_call(module: nn.Module, x: torch.Tensor, dtype: torch.dtype,
         shift_pays=(choice == "shift" and stride_one and len(module.kernel_size) <= 2
                     and shift.pays(padded_size(module, x), module.kernel_size, module.dilation)),
         native_cpu=native() is not None, native_cuda=has_native_cuda, cupy_ok=cupy_ok,
-        triton_ok=on_cuda and triton.compiled("gram") is not None, choice=choice)
+        triton_ok=triton.for_device("gram", x.device.type) is not None, choice=choice)
 
 
 def _symmetric_padding(conv: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
@@ -137,7 +144,7 @@ def gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elements: i
         return None
     mode = kernel_mode(dtype, input_precision)
     if not isinstance(module, CONV_TYPES):  # Triton: every row of the input, any leading dims
-        kernels = triton.compiled("gram")
+        kernels = triton.for_device("gram", x.device.type)
         return triton.run("gram", lambda: kernels.linear_gram(x.reshape(-1, x.shape[-1]), mode),
                           lambda: None)
     spatial = len(module.kernel_size)
@@ -150,7 +157,7 @@ def gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elements: i
     if which == "cupy":
         return nvrtc.conv_gram(x, k, stride, padding, dil, module.groups, dtype)
     if which == "triton":  # a kernel that fails to compile here: None, the caller streams rows
-        kernels = triton.compiled("gram")
+        kernels = triton.for_device("gram", x.device.type)
         return triton.run("gram", lambda: kernels.conv_gram(x, k, stride, padding, dil, module.groups, mode),
                           lambda: None)
     if which == "torch-shift":

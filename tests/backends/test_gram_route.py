@@ -25,7 +25,19 @@ def test_cpu_only_stride_one_convs_in_fp32_inputs_take_the_shift_kernel():
     assert route("cpu", conv=False) is None
     assert route("cpu", native_cpu=False) is None
     assert route("cpu", precision="tf32") is None  # the rounding emulation streams rows
-    assert route("cpu", triton_ok=True, choice="triton") == "shift"  # no Triton on CPU
+    assert route("cpu", triton_ok=False, choice="triton") == "shift"  # asked for, not interpreted here
+    assert route("cpu", triton_ok=True) == "shift"   # the interpreter runs only when asked for
+
+
+def test_cpu_under_triton_interpreter_takes_triton_when_asked_for_every_gpu_mode():
+    """triton_ok on the CPU: Triton's interpreter runs; SAP_FAST_GRAM_KERNEL=triton then sends
+    the calls Triton serves on a GPU to the interpreted kernel (the dry run's CPU twin)."""
+    for conv in (True, False):
+        assert route("cpu", conv=conv, triton_ok=True, choice="triton") == "triton"
+        assert route("cpu", conv=conv, dtype=F32, precision="tf32", triton_ok=True, choice="triton") == "triton"
+        assert route("cpu", conv=conv, dtype=F32, precision="bf16", triton_ok=True, choice="triton") == "triton"
+        # a float64 Gram of rounded inputs has no Triton kernel on a GPU either
+        assert route("cpu", conv=conv, precision="tf32", triton_ok=True, choice="triton") is None
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])

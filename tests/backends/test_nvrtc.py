@@ -864,3 +864,90 @@ def test_gpu_potrf_batched_matches_cholesky_ex():
     ok = want_info == 0
     assert torch.equal(info, want_info)
     assert rel_err(factor[ok], want[ok]) <= 1e-12
+
+
+class StreamedCupy:
+    """The parts of cupy that :func:`batched_linalg.on_stream` touches, on the host: a current
+    device, a current stream (``Stream.from_external`` entered as a context, as cupy's is) and
+    one cuSOLVER handle."""
+
+    def __init__(self):
+        self.device, self.current = None, "cupy-default-stream"
+        outer = self
+
+        class Device:
+            def __init__(self, index):
+                self.index = index
+
+            def __enter__(self):
+                self.before, outer.device = outer.device, self.index
+
+            def __exit__(self, *exc):
+                outer.device = self.before
+
+        class Stream:
+            @staticmethod
+            def from_external(torch_stream):
+                @contextlib.contextmanager
+                def current():
+                    before, outer.current = outer.current, torch_stream.cuda_stream
+                    try:
+                        yield
+                    finally:
+                        outer.current = before
+                return current()
+
+        class Namespace:
+            pass
+
+        self.cuda = Namespace()
+        self.cuda.Device, self.cuda.Stream = Device, Stream
+        self.cuda.device = Namespace()
+        self.cuda.device.get_cusolver_handle = lambda: ("handle", outer.device)
+
+
+class ResettingCusolver(HostCusolver):
+    """HostCusolver that does what cupy's wrappers do: every call first sets the handle's stream
+    to cupy's *current* stream (overriding any stream set on the handle before), and records it."""
+
+    def __init__(self, cp):
+        super().__init__()
+        self.cp, self.handle_stream, self.streams = cp, None, []
+
+    def setStream(self, handle, stream):
+        self.handle_stream = stream
+
+    def __getattr__(self, name):
+        call = super().__getattr__(name)
+
+        def reset_then_call(*args):
+            self.handle_stream = self.cp.current  # cupy's _setStream(handle) on every call
+            self.streams.append(self.handle_stream)
+            return call(*args)
+        return reset_then_call
+
+
+class TorchStream:
+    """torch.cuda.Stream's two attributes that cupy's stream protocol reads."""
+    cuda_stream, device_index = 0x5EED, 0
+
+    def __cuda_stream__(self):
+        return (0, self.cuda_stream)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_batched_calls_run_on_torchs_stream_though_cupy_resets_the_handle_each_call(dtype):
+    cp = StreamedCupy()
+    lib = ResettingCusolver(cp)
+    gram = _spd_batch(3, 5, dtype)
+    with batched_linalg.on_stream(cp, lib, 0, TorchStream()) as handle:
+        assert handle == ("handle", 0)  # the handle of the tensor's device
+        values, _, _ = batched_linalg.syevj_batched(lib, handle, gram)
+        batched_linalg.potrf_batched(lib, handle, gram @ gram.mT + torch.eye(5, dtype=dtype))
+    assert len(lib.streams) >= 2 and set(lib.streams) == {TorchStream.cuda_stream}  # every call: torch's
+    assert cp.current == "cupy-default-stream" and cp.device is None       # restored after the block
+    assert rel_err(values, torch.linalg.eigvalsh(gram.double())) <= (1e-12 if dtype == F64 else 1e-5)
+    # what the old code did: set the stream on the handle once, outside cupy's stream context
+    lib.setStream(("handle", 0), TorchStream.cuda_stream)
+    batched_linalg.syevj_batched(lib, ("handle", 0), gram)
+    assert lib.streams[-1] == "cupy-default-stream"  # the reset wins: the stand-in can tell them apart

@@ -72,3 +72,16 @@ def test_official_subsampling():
     res = official_correct(model, x, [1e4, 3e4], max_samples=300, on_model=lambda a, m: seen.append((a, m)))
     assert [a for a, _ in seen] == [1e4, 3e4] and res.models == {}
     assert max_weight_rel_err(seen[0][1], seen[1][1]) > 0
+
+
+def test_time_limit_stops_early_with_lower_bounds_and_progress():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(12, 3, 8, 8)
+    full = official_correct(model, x, [10.0], max_batch_size=4)
+    assert not full.capped and full.models
+    assert full.progress == {"gather_batches": 3, "gather_batches_total": 3, "svd_records": 2, "svd_records_total": 2}
+    capped = official_correct(model, x, [10.0], max_batch_size=4, time_limit=0.0)
+    assert capped.capped and not capped.models and capped.stage_times["project"] == {}
+    assert capped.progress["gather_batches"] == 0 and capped.progress["gather_batches_total"] == 3
+    assert capped.stage_times["total"] == capped.stage_times["gather"] + capped.stage_times["svd"]

@@ -73,6 +73,19 @@ def compiled(name: str):
     return load(name)[0]
 
 
+def for_device(name: str, device_type: str):
+    """The kernel module to run on tensors of ``device_type``: :func:`compiled` on a GPU; on the
+    CPU the module only while Triton's interpreter runs (``TRITON_INTERPRET=1``), and only for
+    the callers that ask for it by name (the Gram dispatcher with ``SAP_FAST_GRAM_KERNEL=triton``)."""
+    if device_type == "cuda":
+        return compiled(name)
+    if device_type != "cpu" or forced_portable() or name in _BROKEN \
+            or os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return None
+    module = load(name)[0]
+    return module if module is not None and module.interpreted() else None
+
+
 def broken(name: str) -> Optional[str]:
     """Why kernel module ``name`` stopped being used in this process (it failed to compile), or None."""
     return _BROKEN.get(name)
