@@ -189,8 +189,8 @@ def _collect_local(model, data, targets: List[Target], opts: RunOptions, dtype, 
         raise ValueError("no covered layer ran during the forward pass; check layers= and the model")
     bad = first_non_finite(records)
     if bad is not None:
-        raise ValueError(f"non-finite activations (NaN/Inf) reach layer '{bad}'; check the "
-                         "inputs and the layers before it")
+        raise ValueError(f"statistics: non-finite activations (NaN/Inf) reach layer '{bad}'; check "
+                         "the inputs and the layers before it")
     return records, samples
 
 

@@ -65,7 +65,7 @@ def comm_device(group) -> torch.device:
 
 
 # -- error protocol -------------------------------------------------------------------------------
-_RAISABLE = {"ValueError": ValueError, "TypeError": TypeError}
+_RAISABLE = {"ValueError": ValueError, "TypeError": TypeError, "NonFiniteSample": ValueError}
 
 
 def exchange(group, fn: Callable[[], object]) -> list:

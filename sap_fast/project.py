@@ -23,7 +23,7 @@ from . import distributed, solve
 from ._runtime import checks
 from ._runtime.checks import RunOptions
 from ._runtime.layers import Target, select_targets
-from .accumulate import collect
+from .accumulate import collect, first_non_finite
 from .backends import triton
 from .spectrum import LayerSpectrum, decompose, importance
 from .stats import Stats
@@ -74,9 +74,8 @@ class Projector:
 
     def __init__(self, model: nn.Module, stats: Stats, *, layers=None, solver: str = "eigh",
                  process_group=None):
-        checks.plain_model(model)
-        if not isinstance(stats, Stats):
-            raise TypeError(f"stats must be a sap_fast.Stats, got {type(stats).__name__}")
+        checks.finite_parameters(checks.plain_model(model))
+        check_given_stats(stats)
         self._setup(model, targets_with_stats(model, layers, stats), stats, checks.solver(solver),
                     checks.resolve_group(process_group))
 
@@ -203,15 +202,25 @@ def targets_with_stats(model: nn.Module, layers, stats: Stats) -> List[Target]:
 
 def given_or_collected(model: nn.Module, data, stats: Optional[Stats], layers, opts: RunOptions) -> Stats:
     """The statistics a correction works from: ``stats`` as given, or collected from ``data``
-    (exactly one of the two)."""
+    (exactly one of the two), after checking that the model's weights are finite."""
+    checks.finite_parameters(model)
     if stats is None:
         if data is None:
             raise ValueError("pass the trusted samples as data= or precomputed stats=")
         return collect(model, data, opts, layers=layers)
     if data is not None:
         raise ValueError("pass either the trusted samples (data=) or precomputed stats=, not both")
+    return check_given_stats(stats)
+
+
+def check_given_stats(stats) -> Stats:
+    """``stats`` if it is a :class:`Stats` whose records are all finite (one host read per device)."""
     if not isinstance(stats, Stats):
         raise TypeError(f"stats must be a sap_fast.Stats, got {type(stats).__name__}")
+    bad = first_non_finite(dict(stats))
+    if bad is not None:
+        raise ValueError(f"statistics: the stats of layer '{bad}' hold non-finite values (NaN/Inf); "
+                         "collect them again (collect_stats) from finite inputs")
     return stats
 
 

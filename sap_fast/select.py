@@ -20,7 +20,7 @@ from . import distributed
 from ._runtime import checks
 from ._runtime.checks import RunOptions
 from ._runtime.data import batches, num_samples, subset
-from ._runtime.evaluate import check_targets, classifier_logits
+from ._runtime.evaluate import check_targets, classifier_logits, finite_scores, non_finite_logits
 from ._runtime.forward import eval_mode, forward_batches
 
 SCORES = ("loss", "curvature")
@@ -31,15 +31,27 @@ def _empty_scores():
     return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long), None
 
 
+def _check_scores(s: torch.Tensor, start: int, logits=None, amp=None) -> None:
+    """One batch's scores, already on the host: a NaN/Inf one names its sample."""
+    if not bool(torch.isfinite(s).all()):
+        if logits is not None:
+            raise non_finite_logits(logits, start, "scoring", "data", amp)
+        bad = int((~torch.isfinite(s)).nonzero()[0])
+        raise checks.NonFiniteSample("scoring", start + bad, "data", found="scores")
+
+
 def _loss_scores(model, data, opts: RunOptions, allow_empty=False):
-    scores, labels = [], []
+    scores, labels, seen = [], [], 0
     for _, y, out in forward_batches(model, data, batch_size=opts.batch_size, device=opts.device,
                                      need_targets=True, what="data", desc="scoring",
                                      show_progress=opts.show_progress, allow_empty=allow_empty,
                                      amp=opts.amp):
         logits = classifier_logits(out)
         y = check_targets(y, logits.shape[1], "data")
-        scores.append(F.cross_entropy(logits.double(), y, reduction="none").cpu())
+        s = finite_scores(F.cross_entropy(logits.double(), y, reduction="none"), logits).cpu()
+        _check_scores(s, seen, logits, opts.amp)  # on the host already: no extra read
+        seen += s.numel()
+        scores.append(s)
         labels.append(y.cpu())
     if not scores:
         return _empty_scores()
@@ -74,6 +86,7 @@ def _curvature_scores(model, data, opts: RunOptions, iters, h, seed, allow_empty
                 v = torch.randint(0, 2, x.shape, generator=gen).to(x) * 2 - 1
                 g1, _ = grad_at(x + h * v, y)
                 total += (g1 - g0).flatten(1).double().norm(dim=1).cpu()
+            _check_scores(total, sum(t.numel() for t in scores))
             scores.append(total / iters)
             labels.append(y.cpu())
     if not scores:
@@ -116,6 +129,7 @@ def sample_scores(model: nn.Module, data, *, score: str = "loss", batch_size: in
     _check_loader(data)
     opts = checks.run_options(model, device=device, batch_size=batch_size, process_group=False,
                               show_progress=show_progress, amp=amp)
+    checks.finite_parameters(model)
     return scoring(model, data, opts)
 
 
@@ -255,6 +269,7 @@ def _select(model, data, n, highest: bool, *, score, class_balanced, batch_size,
     _check_loader(data)
     opts = checks.run_options(model, device=device, batch_size=batch_size, process_group=process_group,
                               show_progress=show_progress, amp=amp)
+    checks.finite_parameters(model)
     sign = -1.0 if highest else 1.0  # the highest scores are the lowest negated ones
 
     def scored(part, rank_seed, allow_empty):

@@ -12,6 +12,7 @@ from typing import Dict, Iterator, List, Mapping, Optional
 
 import torch
 
+from ._runtime.checks import first_line, torch_load_problem
 from ._runtime.io import atomic_write
 
 FORMAT = "sap_fast.stats"
@@ -184,14 +185,28 @@ class Stats(Mapping[str, LayerStats]):
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location="cpu") -> "Stats":
-        payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+        """The statistics :meth:`save` wrote to ``path``; any other file is a one-line
+        ``ValueError`` saying what the file should be (a missing one: ``FileNotFoundError``)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path!r}: no such file (a sap_fast stats file, written by Stats.save)")
+        not_stats = (f"{path!r} is not a sap_fast stats file (statistics are written by Stats.save, "
+                     "or by sap-fast correct --stats-out)")
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # torch's own message is about pickles, not about this file
+            raise ValueError(f"{not_stats}; {torch_load_problem(err)}") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a sap_fast stats file (save one with Stats.save)")
+            raise ValueError(not_stats)
         if payload.get("version") != VERSION:
-            raise ValueError(f"{os.fspath(path)!r} has stats format version {payload.get('version')}; "
+            raise ValueError(f"{path!r} has stats format version {payload.get('version')}; "
                              f"this sap_fast reads version {VERSION}")
-        layers = {n: LayerStats.from_state(s, map_location) for n, s in payload["layers"].items()}
-        return cls(layers, int(payload.get("num_samples", 0)))
+        try:
+            layers = {n: LayerStats.from_state(s, map_location) for n, s in payload["layers"].items()}
+            return cls(layers, int(payload.get("num_samples", 0)))
+        except Exception as err:
+            raise ValueError(f"{path!r}: a damaged sap_fast stats file ({type(err).__name__}: "
+                             f"{first_line(err)}); write it again with Stats.save") from None
 
     def __repr__(self) -> str:
         lines = [f"Stats({len(self)} layers, {self.num_samples} samples)"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -23,6 +24,63 @@ def first_line(err: BaseException) -> str:
     every one-line error that reports another error quotes."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def torch_load_problem(err: BaseException) -> str:
+    """What a failed ``torch.load(..., weights_only=True)`` says about the file, in our words
+    (torch's own message is a paragraph about pickles and PyTorch versions)."""
+    text = str(err)
+    if "Unsupported global" in text:
+        found = re.search(r"GLOBAL (\S+)", text)
+        return (f"it holds pickled objects{f' ({found.group(1)})' if found else ''}, not only tensors, lists, "
+                "dicts and numbers, and those are never loaded: a pickle can run code")
+    if "Weights only load failed" in text or "zip archive" in text or "magic number" in text \
+            or type(err).__name__ in ("UnpicklingError", "EOFError"):
+        return "it is not a file torch.save wrote, or a damaged or truncated one"
+    return f"{type(err).__name__}: {first_line(err)}"
+
+
+class NonFiniteSample(ValueError):
+    """A sample whose outputs (logits, scores) hold NaN/Inf in a pass over data: ``stage`` names
+    the pass (``"scoring"``, ``"validation α=100"``, …), ``index`` the sample's position in the
+    data that pass was given (callers that passed a part of their data name the whole)."""
+
+    def __init__(self, stage: str, index: int, what: str = "data", found: str = "logits", hint: str = ""):
+        self.stage, self.index, self.what, self.found = stage, int(index), what, found
+        super().__init__(f"{stage}: sample {self.index} of {what} gives non-finite {found} (NaN/Inf); "
+                         f"check that input and the model's weights{hint}")
+
+
+def first_non_finite_tensor(named) -> Optional[str]:
+    """The name of the first floating-point tensor of ``named`` (``(name, tensor)`` pairs) that
+    holds NaN/Inf, or None: one host read per device for all of them, none per tensor."""
+    items = [(n, t) for n, t in named if t.is_floating_point() or t.is_complex()]
+    by_device = {}
+    for i, (_, t) in enumerate(items):
+        by_device.setdefault(t.device, []).append(i)
+    finite = [True] * len(items)
+    for positions in by_device.values():
+        flags = torch.stack([torch.isfinite(items[i][1]).all() for i in positions]).tolist()
+        for i, ok in zip(positions, flags):
+            finite[i] = ok
+    return next((items[i][0] for i, ok in enumerate(finite) if not ok), None)
+
+
+def finite_parameters(module: nn.Module) -> nn.Module:
+    """``module`` if every floating-point parameter and buffer is finite (one host read per
+    device); else a one-line error naming the first tensor that is not."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    bad = first_non_finite_tensor(named)
+    if bad is not None:
+        raise ValueError(f"the model's tensor '{bad}' holds {non_finite_kind(dict(named)[bad])} values; "
+                         "SAP needs finite weights: check the checkpoint it was loaded from")
+    return module
+
+
+def non_finite_kind(t: torch.Tensor) -> str:
+    """What a tensor that is not all finite holds: ``"NaN"``, ``"Inf"`` or ``"NaN and Inf"``."""
+    nan, inf = bool(torch.isnan(t).any()), bool(torch.isinf(t).any())
+    return "NaN and Inf" if nan and inf else "NaN" if nan else "Inf"
 
 
 def _prefix(where: Optional[str]) -> str:

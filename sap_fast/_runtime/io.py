@@ -15,6 +15,7 @@ The destination folder must exist: a missing one raises :class:`FileNotFoundErro
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -24,7 +25,7 @@ import sys
 import tempfile
 from typing import Any, BinaryIO, Callable, Mapping, Optional
 
-__all__ = ["atomic_write", "save_json", "save_torch", "save_safetensors", "save_figure", "to_jsonable"]
+__all__ = ["atomic_write", "write_beside", "discard", "exchange_folders", "fsync_folder", "save_json", "save_torch", "save_safetensors", "save_figure", "to_jsonable"]
 
 def current_umask() -> int:
     """The process umask, read without changing it where Linux allows (/proc), else by the
@@ -66,6 +67,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     Raises:
         FileNotFoundError: the folder of ``path`` does not exist (it is not created).
     """
+    tmp = write_beside(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        discard(tmp)
+        raise
+    _fsync_folder(os.path.dirname(os.path.abspath(os.fspath(path))))
+
+
+def write_beside(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> str:
+    """The first half of :func:`atomic_write`: ``write(f)`` fills a temporary file in the folder
+    of ``path`` (flushed, ``fsync``-ed, with the permissions ``path`` will have), whose name is
+    returned; ``os.replace(tmp, path)`` later puts it in place in one step (:func:`discard`
+    removes it instead). On any exception the temporary file is removed."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -86,16 +101,50 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.chmod(tmp, mode)
         except OSError:  # e.g. a filesystem without permissions: the content is what matters
             pass
-        os.replace(tmp, path)
     except BaseException:
         if fd != -1:
             os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        discard(tmp)
         raise
+    return tmp
+
+
+def discard(path: str) -> None:
+    """Remove a file if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_folder(folder: str) -> None:
+    """Make the renames in ``folder`` durable (best effort: not every platform opens folders)."""
     _fsync_folder(folder)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange_folders(a: str, b: str) -> bool:
+    """Swap the two existing paths ``a`` and ``b`` in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``): at every moment each name holds one of the two whole folders. Returns
+    False, having changed nothing, where the platform or filesystem cannot do it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl < 1.2.2)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd = -100  # AT_FDCWD
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # the filesystem (or a sandbox) does not offer the exchange
+    raise OSError(err, f"cannot swap {a!r} and {b!r}: {os.strerror(err)}")
 
 
 # -- JSON ------------------------------------------------------------------------------------------

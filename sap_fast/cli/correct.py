@@ -10,20 +10,25 @@ processes), so memory does not grow with the number of images. Scoring, the long
 Clothing1M scale, is checkpointed every ``--checkpoint-every`` samples under ``--out``:
 ``--resume`` continues an interrupted run to the same result. Nothing else is written until the
 end: a run that fails leaves no new file or folder behind (only the scoring checkpoint, once
-scoring has started, so that it can be resumed), and the outputs appear at once.
+scoring has started, so that it can be resumed), and the outputs appear at once
+(:mod:`sap_fast.cli.outputs` holds the rules: no output replaces or lands among the inputs, an
+earlier result is replaced only with ``--overwrite``, and the result is swapped in as one folder).
+
+:func:`run` goes through the stages in order, one function each: the paths (every output
+against every input), the model, the data, scoring and selection, the statistics, α (sweep or
+fixed), the test curve, and the write.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -31,17 +36,23 @@ from torch.utils.data import Dataset, Subset
 import sap_fast
 
 from .._runtime import io
-from .._runtime.checks import first_line
+from .._runtime.checks import (NonFiniteSample, first_line, first_non_finite_tensor, non_finite_kind,
+                               torch_load_problem)
 from .._runtime.evaluate import classifier_logits
 from .._runtime.forward import SampleBar
+from ..accumulate import first_non_finite
 from ..select import candidate_ids
 from ..stats import Stats
 from . import report
-from .data import Preprocess, TensorFile, check_first, loader, open_data
-from .load import LoadError, load_model, save_weights
+from .data import Preprocess, TensorFile, check_first, data_path, loader, open_data
+from .load import LoadError, load_model, model_path, save_weights
+from .outputs import PARTIAL, Outputs
 
-PARTIAL = ".sap_fast-partial"   # the scoring checkpoint's folder inside --out
 CHECKPOINT_EVERY = 5000
+DEFAULTS = {"alphas": "grid", "trusted": 1000, "score": "loss", "checkpoint_every": CHECKPOINT_EVERY}
+OUTPUT_RULES = ("Outputs are written into a staging folder beside --out and swapped in as one step: --out holds "
+                "the whole earlier result or the whole new one. No output may replace or lie inside an input; an "
+                "existing result needs --overwrite, which replaces only that result's files.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,14 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--workers", type=int, default=0,
                       help="DataLoader worker processes that decode images (default 0: in the main process)")
     sap = parser.add_argument_group("SAP")
-    sap.add_argument("--trusted", type=int, default=1000, help="trusted samples (default 1000)")
+    sap.add_argument("--trusted", type=int, help="trusted samples (default 1000)")
     sap.add_argument("--candidates", type=int,
                      help="score only this many random training samples (seeded by --seed) and pick "
                           "the trusted ones among them (default: score every sample)")
-    sap.add_argument("--score", choices=["loss", "curvature"], default="loss",
-                     help="how samples are ranked (default loss)")
+    sap.add_argument("--score", choices=["loss", "curvature"], help="how samples are ranked (default loss)")
     sap.add_argument("--alpha", type=float, help="a fixed α (no sweep)")
-    sap.add_argument("--alphas", default="grid", help="grid (1e1..1e6), auto, or a comma list like 10,100,1e3")
+    sap.add_argument("--alphas", help="the α to sweep: grid (1e1..1e6, the default), auto, or a comma list like "
+                                      "10,100,1e3")
     sap.add_argument("--solver", choices=("eigh", "cholesky"),
                      help="eigh: one eigendecomposition shared by every α (the sweep's default); "
                           "cholesky: one Cholesky solve per α (the fixed --alpha default)")
@@ -100,7 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sap.add_argument("--stats-out", help="save the statistics here for later sweeps")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=os.path.join("sap_fast_out", "correct"),
-                     help="folder for the corrected weights and the report (created at the end)")
+                     help="folder for the corrected weights and the report (written at the end, as one step)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the result an earlier run left in --out (and an existing --stats-out); "
+                          "other files in --out are kept")
     run.add_argument("--format", choices=["safetensors", "pt"], default=None,
                      help="weights format (default: that of --weights, else safetensors)")
     run.add_argument("--batch-size", type=int, default=256)
@@ -109,10 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="mixed precision for the passes that only rank or evaluate (scoring, "
                           "validation, test); the statistics stay in full precision")
     run.add_argument("--seed", type=int, default=0, help="seed of --candidates and --val-fraction")
-    run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
+    run.add_argument("--checkpoint-every", type=int, metavar="N",
                      help=f"save the scores under --out every N samples, in whole batches (default {CHECKPOINT_EVERY})")
     run.add_argument("--resume", action="store_true",
                      help="continue the interrupted scoring saved under --out")
+    parser.epilog = OUTPUT_RULES
 
 
 # ---- arguments ----------------------------------------------------------------------------------
@@ -131,8 +146,31 @@ def _carries_weights(spec: str) -> bool:
     return spec.startswith("hf:") or (os.path.isfile(spec) and ":" not in os.path.basename(spec))
 
 
+# pairs of options that cannot both apply: (option, option, why)
+CONFLICTS = (
+    ("alpha", "alphas", "a fixed --alpha runs no sweep"),
+    ("stats_in", "trusted", "--stats-in skips choosing the trusted samples"),
+    ("stats_in", "candidates", "--stats-in skips choosing the trusted samples"),
+    ("stats_in", "score", "--stats-in skips scoring the training samples"),
+    ("stats_in", "checkpoint_every", "--stats-in skips scoring the training samples"),
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
-    """Everything that can be said wrong before any file is read: one line each (exit 2)."""
+    """Everything that can be said wrong before any file is read: one line each (exit 2). Fills
+    in the defaults of the options that may conflict (given as None when left out)."""
+    if args.resume and args.stats_in:
+        raise ValueError("--resume continues an interrupted scoring pass, which --stats-in skips; drop one")
+    for one, other, why in CONFLICTS:
+        if getattr(args, one, None) is not None and getattr(args, other, None) is not None:
+            raise ValueError(f"{_flag(one)} and {_flag(other)} cannot both apply: {why}; drop one")
+    for name, value in DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     if args.data is None and not (args.stats_in and (args.val or args.alpha is not None)):
         raise ValueError("--data is needed (it may be left out only with --stats-in and either --val "
                          "or --alpha)")
@@ -161,51 +199,37 @@ def _check_arguments(args: argparse.Namespace) -> None:
                          "samples must hold the trusted ones")
     if args.alpha is not None and args.alpha <= 0:
         raise ValueError(f"--alpha must be > 0, got {args.alpha}")
-    if args.resume and args.stats_in:
-        raise ValueError("--resume continues an interrupted scoring pass, which --stats-in skips; drop one")
     _alphas(args.alphas)
     Preprocess.from_args(args)  # conflicting or incomplete image options
 
 
-# ---- outputs ------------------------------------------------------------------------------------
+def _devices_here() -> str:
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    found = ["cpu"] + ([f"cuda:0..{cuda - 1}" if cuda > 1 else "cuda:0"] if cuda else []) + (["mps"] if mps else [])
+    return "only cpu" if len(found) == 1 else ", ".join(found)
 
-class Outputs:
-    """``--out``, written at the end: into a staging folder renamed into place when ``--out`` is
-    new (the folder appears at once), else file by file, each atomically. Paths inside ``--out``
-    given elsewhere (``--stats-out out/stats.pt``) go through the same staging."""
 
-    def __init__(self, folder: str):
-        self.folder = os.path.abspath(folder)
-        self.partial = os.path.join(self.folder, PARTIAL)
-        self._writers: Dict[str, Callable[[str], None]] = {}
-
-    def add(self, path: str, write: Callable[[str], None]) -> str:
-        """Register ``write(path)`` for the end; returns the final path."""
-        path = os.path.abspath(path)
-        self._writers[path] = write
-        return path
-
-    def finish(self) -> None:
-        inside = {p: w for p, w in self._writers.items() if os.path.dirname(p) == self.folder}
-        for path, write in self._writers.items():  # outside --out: atomic writes where they are
-            if path not in inside:
-                write(path)
-        if os.path.isdir(self.folder):
-            for path, write in inside.items():
-                write(path)
-            shutil.rmtree(self.partial, ignore_errors=True)
-            return
-        parent = os.path.dirname(self.folder)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(self.folder)}.", dir=parent)
-        try:
-            for path, write in inside.items():
-                write(os.path.join(staging, os.path.basename(path)))
-            os.chmod(staging, 0o777 & ~io.current_umask())  # a folder as mkdir makes it, not 0700
-            os.rename(staging, self.folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+def _device(text: str) -> torch.device:
+    """``--device`` as a device this machine has; else one line saying which it has."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text}: not a device name; use cpu, cuda or cuda:N (this machine has "
+                         f"{_devices_here()})") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"--device {text}: {why}; this machine has {_devices_here()}: pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {text}: no such CUDA device; this machine has {_devices_here()}")
+        return device
+    if device.type == "mps" and "mps" in _devices_here():
+        return device
+    raise ValueError(f"--device {text}: not available; this machine has {_devices_here()}")
 
 
 # ---- resumable scoring --------------------------------------------------------------------------
@@ -229,8 +253,21 @@ class Scoring:
         if not os.path.isfile(path):
             raise ValueError(f"--resume: no interrupted scoring under {os.path.dirname(os.path.dirname(path))} "
                              f"({PARTIAL}/scores.pt is missing); run without --resume")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        theirs = json.loads(state["fingerprint"])
+        what = (f"--resume: {path} is not a scoring checkpoint of sap-fast correct (scoring saves one there "
+                f"every --checkpoint-every samples)")
+        fix = f"remove {os.path.dirname(path)} to start over without --resume"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch's own message is about pickles, not about this file
+            raise ValueError(f"{what}: {torch_load_problem(err)}; {fix}") from None
+        try:
+            theirs = json.loads(state["fingerprint"])
+            ok = isinstance(theirs, dict) and all(isinstance(state[k], torch.Tensor) for k in ("scores", "labels")) \
+                and state["scores"].shape == state["labels"].shape and "classes" in state
+        except Exception:
+            ok = False
+        if not ok:
+            raise ValueError(f"{what}: it holds something else; {fix}")
         for key, value in self.fingerprint.items():
             if theirs.get(key) != value:
                 raise ValueError(f"--resume: the saved scoring was made with another {key} "
@@ -270,9 +307,12 @@ def _score(model, train: Dataset, scoring: Scoring, args, out: Outputs, device) 
         remaining = Subset(train, scoring.positions[scoring.done:].tolist())
         batches = iter(loader(remaining, batch_size=args.batch_size, workers=args.workers, device=device))
         while scoring.done < total:
-            s, labels, classes = sap_fast.sample_scores(
-                model, _Take(batches, per_chunk, bar), score=args.score, batch_size=args.batch_size,
-                device=device, seed=args.seed, amp=args.amp, show_progress=False)
+            try:
+                s, labels, classes = sap_fast.sample_scores(
+                    model, _Take(batches, per_chunk, bar), score=args.score, batch_size=args.batch_size,
+                    device=device, seed=args.seed, amp=args.amp, show_progress=False)
+            except NonFiniteSample as err:  # its position in this chunk → its place in --data
+                raise _non_finite("--data", train, int(scoring.positions[scoring.done + err.index]), err) from None
             scoring.scores.append(s)
             scoring.labels.append(labels)
             scoring.classes = classes
@@ -308,7 +348,7 @@ def _read_indices(path: str, n: int) -> torch.Tensor:
                 values = [int(tok) for tok in f.read().replace(",", " ").split()]
         idx = torch.as_tensor(values).flatten()
     except Exception as err:
-        raise LoadError(f"--val-indices {path}: unreadable ({type(err).__name__}: {first_line(err)}); "
+        raise LoadError(f"--val-indices {path}: unreadable ({torch_load_problem(err)}); "
                         "expected integer positions in a torch.save/.npy file or a text file") from None
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise LoadError(f"--val-indices {path}: holds {idx.dtype} values; positions are integers")
@@ -372,164 +412,306 @@ def _subset_targets(dataset: Dataset, positions: torch.Tensor) -> Subset:
     return part
 
 
-def run(args: argparse.Namespace) -> int:
-    _check_arguments(args)
-    if args.workers and torch.device(args.device).type == "cpu":
-        # the decoding workers take cores of their own: the forward passes keep the rest, so the
-        # two do not fight over the same cores (sap_fast.cli.main restores the thread count)
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - args.workers)))
-    times: Dict[str, float] = {}
-    counts: Dict[str, int] = {}
-    out = Outputs(args.out)
-    if os.path.isdir(out.partial) and not args.resume:
-        raise ValueError(f"{args.out} holds an interrupted run's scores ({PARTIAL}); continue it with "
-                         f"--resume, or remove {out.partial} to start over")
-    preprocess = Preprocess.from_args(args)
-    device = torch.device(args.device)
-    model = load_model(args.model, args.weights, num_classes=args.num_classes).to(device).eval()
+def _non_finite(flag: str, dataset: Dataset, i: int, err: NonFiniteSample) -> LoadError:
+    """A sample with non-finite logits, named by its option, position and file (or list line)."""
+    base = dataset
+    while isinstance(base, Subset):
+        i, base = base.indices[i], base.dataset
+    where = base.where(i) if hasattr(base, "where") else None
+    return LoadError(f"{flag} sample {i}{f' ({where})' if where else ''} gives non-finite {err.found} "
+                     f"(NaN/Inf) in {err.stage}; check that input (and --weights)")
+
+
+@contextlib.contextmanager
+def _naming_samples(flag: str, dataset: Dataset):
+    """A pass over ``dataset`` whose non-finite sample is named as :func:`_non_finite` names it."""
+    try:
+        yield
+    except NonFiniteSample as err:
+        raise _non_finite(flag, dataset, err.index, err) from None
+
+
+class Clock:
+    """Seconds and samples per stage, for the report."""
+
+    def __init__(self):
+        self.times: Dict[str, object] = {}
+        self.counts: Dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str, samples: Optional[int] = None):
+        started = time.perf_counter()
+        yield
+        self.times[name] = time.perf_counter() - started
+        if samples is not None:
+            self.counts[name] = samples
+
+
+@dataclass
+class Data:
+    """The run's data: training samples (None with --stats-in alone), the positions of --data
+    that may be scored (``pool``: all but a held-out validation split), validation and test."""
+    train: Optional[Dataset]
+    pool: Optional[torch.Tensor]
+    val: Optional[Dataset]
+    val_flag: str
+    test: Optional[Dataset]
+    classes: Optional[List[str]]
+
+
+@dataclass
+class Selection:
+    """The trusted samples and their statistics (or the statistics of --stats-in)."""
+    stats: Stats
+    note: str
+    trusted: Optional[torch.Tensor] = None
+    scoring: Optional[Scoring] = None
+
+
+@dataclass
+class Choice:
+    """The corrected model, its α, and what the report shows of the way there."""
+    fixed: torch.nn.Module
+    alpha: Optional[float]
+    alphas: list
+    projector: object
+    result: object = None
+    val_before: Optional[float] = None
+    val_after: Optional[float] = None
+
+
+# ---- the stages ---------------------------------------------------------------------------------
+
+def _outputs(args: argparse.Namespace) -> Outputs:
+    """Stage 1, the paths: every output resolved against every input, before anything is read."""
+    out = Outputs(args.out, stats_out=args.stats_out, overwrite=args.overwrite)
+    inputs = [("--model", model_path(args.model)), ("--weights", args.weights),
+              ("--val-indices", args.val_indices), ("--stats-in", args.stats_in)]
+    inputs += [(flag, None if spec is None else data_path(spec))
+               for flag, spec in (("--data", args.data), ("--val", args.val), ("--test", args.test))]
+    out.check(inputs, resume=args.resume)
+    return out
+
+
+def _load(args: argparse.Namespace, device: torch.device):
+    """Stage 2, the model: built, its weights loaded and checked finite; and the output format."""
+    model = load_model(args.model, args.weights, num_classes=args.num_classes)
+    named = list(model.state_dict().items())
+    bad = first_non_finite_tensor(named)
+    if bad is not None:
+        source = f"--weights {args.weights}" if args.weights else f"--model {args.model}"
+        raise LoadError(f"{source}: the tensor '{bad}' holds {non_finite_kind(dict(named)[bad])} values; SAP "
+                        "needs finite weights (check how the checkpoint was saved)")
+    model = model.to(device).eval()
     if device.type == "cuda":  # convs read NHWC fastest on tensor cores; the values do not change
         model = model.to(memory_format=torch.channels_last)
     fmt = args.format or ("pt" if args.weights and not args.weights.endswith(".safetensors") else "safetensors")
+    return model, fmt
 
-    t = time.perf_counter()
-    train = classes = None
-    if args.data is not None:
-        train = open_data(args.data, preprocess, what="--data")
-        classes = train.classes
-    pool = None if train is None else torch.arange(len(train))
-    val = None
-    if args.val is not None:
-        val = open_data(args.val, preprocess, classes=classes, what="--val")
-        classes = classes or val.classes
-    elif args.val_indices is not None or args.val_fraction is not None:
-        if args.val_indices is not None:
-            held = _read_indices(args.val_indices, len(train))
-        else:
-            held = _stratified(train.targets, args.val_fraction, args.seed)
-            print(f"warning: --val-fraction {args.val_fraction}: {held.numel()} samples of --data become the "
-                  "validation split; this assumes the model was NOT trained on them (a model that memorised "
-                  "them lets no α win: then pass --val or --val-indices)", file=sys.stderr)
-        val = _subset_targets(train, held)
-        keep = torch.ones(len(train), dtype=torch.bool)
-        keep[held] = False
-        pool = keep.nonzero().flatten()
-    test = None if args.test is None else open_data(args.test, preprocess, classes=classes, what="--test")
-    times["scan"] = time.perf_counter() - t
+
+def _open_all(args: argparse.Namespace, preprocess: Preprocess, clock: Clock) -> Data:
+    """Stage 3, the data: opened (labels and file lists only), the validation split taken out."""
+    with clock.stage("scan"):
+        train = classes = None
+        if args.data is not None:
+            train = open_data(args.data, preprocess, what="--data")
+            classes = train.classes
+        pool = None if train is None else torch.arange(len(train))
+        val, val_flag = None, "--val"
+        if args.val is not None:
+            val = open_data(args.val, preprocess, classes=classes, what="--val")
+            classes = classes or val.classes
+        elif args.val_indices is not None or args.val_fraction is not None:
+            if args.val_indices is not None:
+                held = _read_indices(args.val_indices, len(train))
+            else:
+                held = _stratified(train.targets, args.val_fraction, args.seed)
+                print(f"warning: --val-fraction {args.val_fraction}: {held.numel()} samples of --data become the "
+                      "validation split; this assumes the model was NOT trained on them (a model that memorised "
+                      "them lets no α win: then pass --val or --val-indices)", file=sys.stderr)
+            val, val_flag = _subset_targets(train, held), "--data"
+            keep = torch.ones(len(train), dtype=torch.bool)
+            keep[held] = False
+            pool = keep.nonzero().flatten()
+        test = None if args.test is None else open_data(args.test, preprocess, classes=classes, what="--test")
     for name, part in (("--data", train), ("--val", val), ("--test", test)):
         for note in getattr(part, "notes", ()) or ():
             print(f"note: {name}: {note}")
-    # folders and Clothing1M name their classes: the model must have exactly that many outputs;
-    # a tensor file's classes are only known from its largest label
-    exact = not isinstance(train if train is not None else val, TensorFile)
-    if val is not None:
-        _check_model(model, val, classes, exact, device, "--val")
-    if train is not None:
-        _check_model(model, train, classes, exact, device, "--data")
+    return Data(train, pool, val, val_flag, test, classes)
 
-    if args.stats_in is not None:
+
+def _check_fit(model, data: Data, device) -> None:
+    """The model takes the data: folders and Clothing1M name their classes, so the model must
+    have exactly that many outputs; a tensor file's classes are only known from its largest label."""
+    exact = not isinstance(data.train if data.train is not None else data.val, TensorFile)
+    if data.val is not None:
+        _check_model(model, data.val, data.classes, exact, device, "--val")
+    if data.train is not None:
+        _check_model(model, data.train, data.classes, exact, device, "--data")
+
+
+def _stats_in(args: argparse.Namespace) -> Selection:
+    """Stages 4-5 with --stats-in: the statistics as saved, checked finite."""
+    try:
         stats = Stats.load(args.stats_in)
-        trusted_note = f"statistics from {args.stats_in} ({stats.num_samples} samples)"
-        trusted = scoring = None
-    else:
-        n = min(args.trusted, pool.numel())
-        if args.trusted > pool.numel():
-            print(f"note: --trusted {args.trusted} > {pool.numel()} training samples; using all of them")
-        positions = pool if args.candidates is None or args.candidates >= pool.numel() else \
-            pool[torch.sort(candidate_ids(pool.numel(), args.candidates, args.seed)).values]
-        scoring = Scoring(positions, {
-            "model": args.model, "weights": _weights_fingerprint(args.weights), "data": args.data,
-            "samples": len(train), "scored": positions.numel(), "candidates": args.candidates,
-            "seed": args.seed, "score": args.score, "amp": args.amp, "batch_size": args.batch_size,
-            "checkpoint_every": args.checkpoint_every, "preprocess": repr(preprocess),
-            "val_indices": args.val_indices, "val_fraction": args.val_fraction})
-        if args.resume:
-            scoring.resume_from(os.path.join(out.partial, "scores.pt"))
-        t = time.perf_counter()
-        _score(model, train, scoring, args, out, device)
-        times["scoring"] = time.perf_counter() - t
-        counts["scoring"] = positions.numel()
-        scores, labels = torch.cat(scoring.scores), torch.cat(scoring.labels)
-        trusted = positions[sap_fast.lowest_per_class(scores, labels, scoring.classes, n)]
-        t = time.perf_counter()
-        stats = sap_fast.collect_stats(model, loader(Subset(train, trusted.tolist()), batch_size=args.batch_size,
-                                                     workers=args.workers, device=device), device=device)
-        times["statistics"] = time.perf_counter() - t
-        counts["statistics"] = trusted.numel()
-        how = f"lowest {args.score}" + ("" if args.candidates is None else f" of {positions.numel()} random candidates")
-        trusted_note = f"{n} trusted samples ({how}, class-balanced)"
+    except (ValueError, FileNotFoundError) as err:
+        raise LoadError(f"--stats-in {first_line(err)}") from None
+    bad = first_non_finite(dict(stats))
+    if bad is not None:
+        raise LoadError(f"--stats-in {args.stats_in}: the statistics of layer '{bad}' hold non-finite values "
+                        "(NaN/Inf); collect them again (--stats-out, from --data)")
+    return Selection(stats, f"statistics from {args.stats_in} ({stats.num_samples} samples)")
 
+
+def _select(model, data: Data, args, out: Outputs, device, clock: Clock, preprocess) -> Selection:
+    """Stage 4, scoring and selection: every pool sample (or --candidates of them) scored, with
+    checkpoints, then the lowest per class kept."""
+    pool = data.pool
+    n = min(args.trusted, pool.numel())
+    if args.trusted > pool.numel():
+        print(f"note: --trusted {args.trusted} > {pool.numel()} training samples; using all of them")
+    positions = pool if args.candidates is None or args.candidates >= pool.numel() else \
+        pool[torch.sort(candidate_ids(pool.numel(), args.candidates, args.seed)).values]
+    scoring = Scoring(positions, {
+        "model": args.model, "weights": _weights_fingerprint(args.weights), "data": args.data,
+        "samples": len(data.train), "scored": positions.numel(), "candidates": args.candidates,
+        "seed": args.seed, "score": args.score, "amp": args.amp, "batch_size": args.batch_size,
+        "checkpoint_every": args.checkpoint_every, "preprocess": repr(preprocess),
+        "val_indices": args.val_indices, "val_fraction": args.val_fraction})
+    if args.resume:
+        scoring.resume_from(os.path.join(out.partial, "scores.pt"))
+    with clock.stage("scoring", positions.numel()):
+        _score(model, data.train, scoring, args, out, device)
+    scores, labels = torch.cat(scoring.scores), torch.cat(scoring.labels)
+    trusted = positions[sap_fast.lowest_per_class(scores, labels, scoring.classes, n)]
+    how = f"lowest {args.score}" + ("" if args.candidates is None else f" of {positions.numel()} random candidates")
+    return Selection(None, f"{n} trusted samples ({how}, class-balanced)", trusted, scoring)
+
+
+def _statistics(model, data: Data, picked: Selection, args, device, clock: Clock) -> None:
+    """Stage 5, the statistics: the streamed Grams of the trusted samples."""
+    with clock.stage("statistics", picked.trusted.numel()):
+        picked.stats = sap_fast.collect_stats(
+            model, loader(Subset(data.train, picked.trusted.tolist()), batch_size=args.batch_size,
+                          workers=args.workers, device=device), device=device)
+
+
+def _choose(model, stats: Stats, data: Data, args, device, clock: Clock) -> Choice:
+    """Stage 6, α: the sweep on the validation split, or the fixed --alpha (validation then
+    only reported)."""
+    val = data.val
     val_batches = None if val is None else loader(val, batch_size=args.batch_size, workers=args.workers,
                                                   device=device)
-    t = time.perf_counter()
-    if args.alpha is not None:  # one projector: its decomposition also serves the report
-        projector = sap_fast.Projector(model, stats, solver=args.solver or "cholesky")
-        times["decomposition"] = time.perf_counter() - t
-        fixed = copy.deepcopy(model)
-        projector.apply(fixed, args.alpha)
-        result, alpha, alphas = None, args.alpha, [None, args.alpha]
-        val_before = val_after = None
-        if val is not None:  # only reported: a fixed α needs no validation data
-            val_before, val_after = (sap_fast.evaluate(m, val_batches, device=device, what="--val", amp=args.amp,
-                                                       desc=f"validation {label}").accuracy
-                                     for m, label in ((model, "(original)"), (fixed, f"α={alpha:.3g}")))
-    else:
-        result = sap_fast.sweep(model, None, val_batches, stats=stats, alphas=_alphas(args.alphas),
-                                device=device, solver=args.solver or "eigh", amp=args.amp)
-        fixed, alpha, projector = result.model, result.best_alpha, result.projector
-        times["decomposition"] = result.prepare_seconds
-        times["validation"] = [row.seconds for row in result.table]
-        val_before, val_after = result.table[0].val_accuracy, result.best.val_accuracy
-        alphas = [row.alpha for row in result.table]
-    times["alpha"] = time.perf_counter() - t
+    started = time.perf_counter()
+    with _naming_samples(data.val_flag, val):
+        if args.alpha is not None:  # one projector: its decomposition also serves the report
+            projector = sap_fast.Projector(model, stats, solver=args.solver or "cholesky")
+            clock.times["decomposition"] = time.perf_counter() - started
+            fixed = copy.deepcopy(model)
+            projector.apply(fixed, args.alpha)
+            choice = Choice(fixed, args.alpha, [None, args.alpha], projector)
+            if val is not None:  # only reported: a fixed α needs no validation data
+                choice.val_before, choice.val_after = (
+                    sap_fast.evaluate(m, val_batches, device=device, what="--val", amp=args.amp,
+                                      desc=f"validation {label}").accuracy
+                    for m, label in ((model, "(original)"), (fixed, f"α={args.alpha:.3g}")))
+        else:
+            result = sap_fast.sweep(model, None, val_batches, stats=stats, alphas=_alphas(args.alphas),
+                                    device=device, solver=args.solver or "eigh", amp=args.amp)
+            choice = Choice(result.model, result.best_alpha, [row.alpha for row in result.table],
+                            result.projector, result, result.table[0].val_accuracy, result.best.val_accuracy)
+            clock.times["decomposition"] = result.prepare_seconds
+            clock.times["validation"] = [row.seconds for row in result.table]
+    clock.times["alpha"] = time.perf_counter() - started
     if val is not None:
-        counts["validation"] = len(val) * (2 if result is None else len(result.table))  # every pass
+        clock.counts["validation"] = len(val) * (2 if choice.result is None else len(choice.result.table))
+    return choice
 
-    test_accuracy = {}
-    if test is not None:  # every α of the run, for the report's curve (never used to choose α)
-        t = time.perf_counter()
-        test_batches = loader(test, batch_size=args.batch_size, workers=args.workers, device=device)
+
+def _test(model, choice: Choice, data: Data, args, device, clock: Clock) -> Dict[Optional[float], float]:
+    """Stage 7, the test curve: every α of the run on --test (never used to choose α)."""
+    accuracy: Dict[Optional[float], float] = {}
+    if data.test is None:
+        return accuracy
+    with clock.stage("test", len(data.test) * len(choice.alphas)), _naming_samples("--test", data.test):
+        batches = loader(data.test, batch_size=args.batch_size, workers=args.workers, device=device)
         work = copy.deepcopy(model)
-        for a in alphas:
-            projector.apply(work, a)
-            test_accuracy[a] = sap_fast.evaluate(work, test_batches, device=device, what="--test", amp=args.amp,
-                                                 desc="test" if a is None else f"test α={a:.3g}").accuracy
-        times["test"] = time.perf_counter() - t
-        counts["test"] = len(test) * len(alphas)  # one pass per α
+        for a in choice.alphas:
+            choice.projector.apply(work, a)
+            accuracy[a] = sap_fast.evaluate(work, batches, device=device, what="--test", amp=args.amp,
+                                            desc="test" if a is None else f"test α={a:.3g}").accuracy
+    return accuracy
 
-    weights_path = out.add(os.path.join(args.out, f"corrected.{fmt}"),
-                           lambda p: save_weights(fixed, p, fmt))
-    if trusted is not None:
-        out.add(os.path.join(args.out, "trusted.pt"), lambda p: io.save_torch(p, {
-            "trusted": trusted, "positions": scoring.positions, "scores": torch.cat(scoring.scores),
+
+def _write(out: Outputs, args, fmt: str, picked: Selection, choice: Choice, data: Data,
+           test_accuracy, clock: Clock) -> Dict[str, Optional[str]]:
+    """Stage 8, the write: every output registered, then committed as one step (outputs.py)."""
+    weights_path = out.add(f"corrected.{fmt}", lambda p: save_weights(choice.fixed, p, fmt))
+    if picked.trusted is not None:
+        scoring = picked.scoring
+        out.add("trusted.pt", lambda p: io.save_torch(p, {
+            "trusted": picked.trusted, "positions": scoring.positions, "scores": torch.cat(scoring.scores),
             "labels": torch.cat(scoring.labels)}))
     if args.stats_out:
-        out.add(args.stats_out, stats.save)
+        out.add_stats(picked.stats.save)
     # the spectra come free with the eigh route; the solve route computes them only when asked
+    projector = choice.projector
     spectra = projector.spectra if (projector.has_spectra or args.spectra) else None
+    times, counts = clock.times, clock.counts
     summary = {"command": "correct", "argv": sys.argv[1:], "model": args.model, "weights_in": args.weights,
                "data": args.data, "val": args.val or args.val_indices or f"{args.val_fraction} of --data",
-               "test": args.test, "classes": classes, "trusted": trusted_note, "alpha": alpha,
-               "val_before": val_before, "val_after": val_after,
-               "test_before": test_accuracy.get(None), "test_after": test_accuracy.get(alpha),
+               "test": args.test, "classes": data.classes, "trusted": picked.note, "alpha": choice.alpha,
+               "val_before": choice.val_before, "val_after": choice.val_after,
+               "test_before": test_accuracy.get(None), "test_after": test_accuracy.get(choice.alpha),
                "weights_out": weights_path, "seconds": times, "samples": counts,
                "images_per_second": {k: counts[k] / _seconds(times[k]) for k in counts if times.get(k)}}
-    written = {}
+    written: Dict[str, Optional[str]] = {}
 
-    def write_report(folder_path):
-        written.update(report.write_report(os.path.dirname(folder_path), sweep=result, spectra=spectra,
-                                           alpha=alpha, test_accuracy=test_accuracy or None, extra=summary,
-                                           title=f"sap-fast correct: {args.model}"))
+    def write_report(path):
+        written.update(report.write_report(os.path.dirname(path), sweep=choice.result, spectra=spectra,
+                                           alpha=choice.alpha, test_accuracy=test_accuracy or None,
+                                           extra=summary, title=f"sap-fast correct: {args.model}"))
 
-    out.add(os.path.join(args.out, "report.json"), write_report)
-    out.finish()
+    out.add("report.json", write_report)
+    out.commit()
+    return written
+
+
+def _say(args, out: Outputs, picked: Selection, choice: Choice, data: Data, test_accuracy, written) -> None:
+    alpha = choice.alpha
     chosen = "no projection (no α beat the original on validation)" if alpha is None else f"α = {alpha:.3g}"
-    print(f"{trusted_note}; {chosen}")
-    accuracies = ([f"validation accuracy {100 * val_before:.2f}% → {100 * val_after:.2f}%"] if val is not None else []) + \
+    print(f"{picked.note}; {chosen}")
+    accuracies = ([f"validation accuracy {100 * choice.val_before:.2f}% → {100 * choice.val_after:.2f}%"]
+                  if data.val is not None else []) + \
         ([f"test {100 * test_accuracy[None]:.2f}% → {100 * test_accuracy[alpha]:.2f}%"] if test_accuracy else [])
     if accuracies:
         print("; ".join(accuracies))
     if written.get("png") is None:
         print("note: no report.png: a fixed --alpha with the Cholesky solver has no sweep and no spectra "
               "to plot (--spectra adds the layer spectra, one eigendecomposition per layer)")
-    print(f"wrote {args.out}: {', '.join(sorted(os.listdir(args.out)))}")
+    print(f"wrote {args.out}: {', '.join(sorted(os.listdir(out.folder)))}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    device = _device(args.device)
+    out = _outputs(args)
+    if args.workers and device.type == "cpu":
+        # the decoding workers take cores of their own: the forward passes keep the rest, so the
+        # two do not fight over the same cores (sap_fast.cli.main restores the thread count)
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - args.workers)))
+    clock = Clock()
+    preprocess = Preprocess.from_args(args)
+    model, fmt = _load(args, device)
+    data = _open_all(args, preprocess, clock)
+    _check_fit(model, data, device)
+    if args.stats_in is not None:
+        picked = _stats_in(args)
+    else:
+        picked = _select(model, data, args, out, device, clock, preprocess)
+        _statistics(model, data, picked, args, device, clock)
+    choice = _choose(model, picked.stats, data, args, device, clock)
+    test_accuracy = _test(model, choice, data, args, device, clock)
+    written = _write(out, args, fmt, picked, choice, data, test_accuracy, clock)
+    _say(args, out, picked, choice, data, test_accuracy, written)
     return 0

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .._runtime.checks import first_line
+from .._runtime.checks import first_line, torch_load_problem
 from .load import IMAGE_SUFFIXES, LoadError
 
 __all__ = ["CLOTHING1M_SPLITS", "IMAGENET_MEAN", "IMAGENET_STD", "Clothing1M", "ImageFolder", "PathList",
-           "Preprocess", "StreamLoader", "TensorFile", "check_first", "loader", "open_data"]
+           "Preprocess", "StreamLoader", "TensorFile", "check_first", "data_path", "loader", "open_data"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -403,7 +403,7 @@ class TensorFile(Dataset):
                 self.notes.append(f"{path} is in torch's old file format and was read whole; re-save it "
                                   "with torch.save to have it memory-mapped")
         except Exception as err:
-            raise LoadError(f"{path}: unreadable ({type(err).__name__}: {first_line(err)}); expected a "
+            raise LoadError(f"{path}: unreadable ({torch_load_problem(err)}); expected a "
                             "torch.save'd (inputs, targets) pair or dict") from None
         x, y = self._pair(obj)
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
@@ -526,6 +526,29 @@ def _show(raw: bytes, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
+def _leaves_root(key: bytes) -> bool:
+    """Whether a key list's ``key`` names a path outside its root: absolute, or led out by
+    ``..`` (resolved lexically; a symbolic link inside the root, e.g. ``images/`` on another disk,
+    is the user's own choice and is followed)."""
+    path = os.fsdecode(key)
+    if os.path.isabs(path):
+        return True
+    norm = os.path.normpath(path)
+    return norm == os.pardir or norm.startswith(os.pardir + os.sep)
+
+
+def _first_line_of(path: str, key: bytes, before: int) -> Optional[int]:
+    """The first line before line ``before`` of a key list that names ``key`` (read again: only
+    an error asks)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if n >= before:
+                return None
+            if line.split() == [key]:
+                return n
+    return None
+
+
 class Clothing1M(_Images):
     """Clothing1M in the layout it is distributed in, one split of it.
 
@@ -537,8 +560,9 @@ class Clothing1M(_Images):
     ``clean_test`` (labels from the clean file).
 
     Reading checks every line: a malformed line, a label outside the classes, a listed key
-    without a label, and (``check_files``) a listed image that is not there, each an error naming
-    the file and line. The existence check lists each image folder once instead of asking for
+    without a label, a key listed twice, a key that leads outside ``root`` (absolute, or out by
+    ``..``), and (``check_files``) a listed image that is not there, each an error naming the
+    file and line. The existence check lists each image folder once instead of asking for
     each file. ``classes``: the training data's class names, which the labels are mapped onto.
     """
 
@@ -565,11 +589,19 @@ class Clothing1M(_Images):
                         continue
                     raise LoadError(f"{self.list_file} line {n}: malformed {_show(line)}; expected one "
                                     "'images/….jpg' a line")
-                label = table.get(parts[0])
+                key = parts[0]
+                if (key.startswith(b"/") or b".." in key) and _leaves_root(key):
+                    raise LoadError(f"{self.list_file} line {n}: the key {_show(key, 500)} leads outside {root}; "
+                                    "keys are paths inside the root, such as images/0/00/name.jpg")
+                label = table.pop(key, None)  # taken: a key listed twice finds no label the second time
                 if label is None:
-                    raise LoadError(f"{self.list_file} line {n}: {_show(parts[0])} has no label in "
+                    first = _first_line_of(self.list_file, key, n)
+                    if first is not None:
+                        raise LoadError(f"{self.list_file} line {n}: {_show(key)} is listed again (first "
+                                        f"on line {first}); list each image once")
+                    raise LoadError(f"{self.list_file} line {n}: {_show(key)} has no label in "
                                     f"{self.label_file}")
-                blob += parts[0]
+                blob += key
                 ends.append(len(blob))
                 labels.append(label)
         del table
@@ -625,6 +657,15 @@ def _clothing1m_spec(rest: str) -> Tuple[str, str]:
     if sep and not os.path.isdir(rest) and os.path.isdir(head):
         raise LoadError(f"clothing1m:{rest}: unknown split {tail!r}; use one of {', '.join(CLOTHING1M_SPLITS)}")
     return rest, "noisy_train"
+
+
+def data_path(spec: str) -> str:
+    """The file or folder a data ``spec`` reads (a Clothing1M root for ``clothing1m:ROOT[:SPLIT]``)."""
+    if spec.startswith("clothing1m:"):
+        rest = spec[len("clothing1m:"):]
+        head, sep, tail = rest.rpartition(":")
+        return head if sep and tail in CLOTHING1M_SPLITS else rest
+    return spec
 
 
 def open_data(spec: str, preprocess: Optional[Preprocess] = None, *, classes: Optional[Sequence[str]] = None,

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .._runtime import io
-from .._runtime.checks import first_line
+from .._runtime.checks import first_line, torch_load_problem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -60,6 +60,12 @@ def model_kind(spec: str) -> str:
     if ":" in spec and not os.path.exists(spec):
         return "factory"
     return "file"
+
+
+def model_path(spec: str) -> Optional[str]:
+    """The file or folder ``--model spec`` reads, if any (a saved module's file, an ``hf:`` folder)."""
+    kind = model_kind(spec)
+    return spec if kind == "file" else spec.partition(":")[2] if kind == "hf" else None
 
 
 def load_model(spec: str, weights: Optional[str] = None, *, num_classes: Optional[int] = None) -> nn.Module:
@@ -276,8 +282,8 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     except ImportError:
         raise LoadError(f"--weights {path}: reading .safetensors needs `pip install safetensors`") from None
     except Exception as err:
-        raise LoadError(f"--weights {path}: unreadable checkpoint ({type(err).__name__}: "
-                        f"{first_line(err)})") from None
+        raise LoadError(f"--weights {path}: unreadable checkpoint ({torch_load_problem(err)}); expected "
+                        "a state dict saved with torch.save or safetensors") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):

@@ -230,7 +230,7 @@ def test_outputs_appear_together_and_replace_a_previous_run(run, tree, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(correct_command.report, "write_report", broken)
-    code, _, err = run("--trusted", "28", "--alpha", "1e4", "--out", str(out))
+    code, _, err = run("--trusted", "28", "--alpha", "1e4", "--out", str(out), "--overwrite")
     assert code == 1 and "disk full" in err
     monkeypatch.setattr(correct_command.report, "write_report", real)
     fresh = tree / "out-new"
@@ -239,8 +239,9 @@ def test_outputs_appear_together_and_replace_a_previous_run(run, tree, monkeypat
     assert not fresh.exists() and not [p for p in os.listdir(tree) if p.startswith(".out-new")]
     # a fixed α on the Cholesky route: no sweep, no spectra, so no report.png
     assert sorted(os.listdir(out)) == ["corrected.safetensors", "report.json", "trusted.pt"]
-    second = _state(out)  # the weights were written before the report failed: each file is whole
+    second = _state(out)  # the failed run's weights were staged, never put in place
     assert second.keys() == first.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 class Interrupt:

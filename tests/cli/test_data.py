@@ -364,6 +364,28 @@ def test_clothing1m_errors_name_the_file_and_line(tmp_path, name, text, words):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("key, words", [
+    ("../outside/secret.jpg", r"line 2: the key '\.\./outside/secret\.jpg' leads outside"),
+    ("images/0/../../../outside/secret.jpg", r"line 2: the key 'images/0/\.\./\.\./\.\./outside/secret\.jpg' leads outside"),
+    ("ABSOLUTE", r"line 2: the key '.*secret\.jpg' leads outside"),
+    ("images/0/00/0.jpg", r"line 2: 'images/0/00/0\.jpg' is listed again \(first on line 1\); list each image once"),
+])
+def test_clothing1m_keys_outside_the_root_or_listed_twice_are_refused(tmp_path, key, words):
+    """A key may not lead out of the root (the image there would be read), and an image listed
+    twice would be scored and trusted twice."""
+    root = tmp_path / "c1m"
+    root.mkdir()
+    key_list = _c1m(root)
+    _save(str(tmp_path / "outside" / "secret.jpg"), _pixels(8, 8, seed=1))
+    key = str(tmp_path / "outside" / "secret.jpg") if key == "ABSOLUTE" else key
+    (root / "noisy_train_key_list.txt").write_text(f"{key_list[0]}\n{key}\n{key_list[1]}\n")
+    extra = "" if key in key_list else f"{key} 3\n"  # a key listed twice keeps its one label
+    (root / "noisy_label_kv.txt").write_text(f"{key_list[0]} 1\n{key_list[1]} 2\n{extra}")
+    with pytest.raises(LoadError, match=f"^--data {root}/noisy_train_key_list.txt {words}") as err:
+        open_data(f"clothing1m:{root}", Preprocess())
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("name", ["category_names_eng.txt", "noisy_label_kv.txt", "noisy_train_key_list.txt"])
 def test_clothing1m_missing_files(tmp_path, name):
     _c1m(tmp_path)

@@ -146,3 +146,50 @@ def test_inplace_failure_leaves_model_untouched(setup):
     x = x.clone()
     x[0, 0, 0, 0] = math.nan
     _raises(ValueError, "non-finite", lambda: sap_fast.correct(model, x, alpha=1e3, inplace=True), model)
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_non_finite_weights_are_named_by_every_entry_point(setup, layer):
+    """Inf in the classifier's weight reaches no later activation, so only a check of the weights
+    themselves names it (in the first conv it would also reach layer '3')."""
+    model, x, y = setup
+    stats = sap_fast.collect_stats(model, x)
+    with torch.no_grad():
+        model[layer].weight.view(-1)[5] = math.inf
+    words = rf"the model's tensor '{layer}.weight' holds Inf values; SAP needs finite weights"
+    for fn in (lambda: sap_fast.select_trusted(model, (x, y), n=3),
+               lambda: sap_fast.sample_scores(model, (x, y)),
+               lambda: sap_fast.evaluate(model, (x, y)),
+               lambda: sap_fast.correct(model, x, alpha=1e3),
+               lambda: sap_fast.correct(model, stats=stats, alpha=1e3),
+               lambda: sap_fast.sweep(model, x, (x, y), alphas=[1e3]),
+               lambda: sap_fast.Projector(model, stats)):
+        _raises(ValueError, words, fn, model)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_sample_is_named_with_its_position_and_stage(setup, bad):
+    model, x, y = setup
+    x = x.clone()
+    x[7, 0, 1, 1] = bad
+    clean = x[[0, 1, 2]]
+    for stage, what, fn in [
+            ("scoring", "data", lambda: sap_fast.select_trusted(model, (x, y), n=3, batch_size=4)),
+            ("scoring", "data", lambda: sap_fast.sample_scores(model, (x, y), batch_size=5, score="curvature")),
+            ("validation", "val", lambda: sap_fast.sweep(model, clean, (x, y), alphas=[1e3], batch_size=4)),
+            ("evaluate", "data", lambda: sap_fast.evaluate(model, (x, y), batch_size=3))]:
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=rf"^{stage}: sample 7 of {what} gives non-finite") as info:
+            fn()
+        assert info.value.index == 7 and info.value.stage == stage and "\n" not in str(info.value)
+        assert_unchanged(model, snap)
+
+
+def test_given_stats_must_be_finite(setup):
+    model, x, y = setup
+    stats = sap_fast.collect_stats(model, x)
+    stats["0"].gram[0, 2, 2] = math.nan  # as a damaged or hand-made stats object would hold
+    words = r"statistics: the stats of layer '0' hold non-finite values"
+    _raises(ValueError, words, lambda: sap_fast.correct(model, stats=stats, alpha=1e3), model)
+    _raises(ValueError, words, lambda: sap_fast.sweep(model, None, (x, y), stats=stats), model)
+    _raises(ValueError, words, lambda: sap_fast.Projector(model, stats), model)
