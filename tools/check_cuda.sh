@@ -112,6 +112,8 @@ template void sc::launch_conv_gram_tiles<float, float>(const float*, float*, con
 template void sc::launch_conv_gram_tiles<float, double>(const float*, double*, const sc::ConvGramShape&, int, cudaStream_t);
 template void sc::launch_conv_gram_tiles<double, double>(const double*, double*, const sc::ConvGramShape&, int, cudaStream_t);
 template void sc::launch_conv_gram_tiles<double, float>(const double*, float*, const sc::ConvGramShape&, int, cudaStream_t);
+template void sc::launch_conv_gram_dmma_tiles<float>(const float*, double*, const sc::ConvGramShape&, int, cudaStream_t);
+template void sc::launch_conv_gram_dmma_tiles<double>(const double*, double*, const sc::ConvGramShape&, int, cudaStream_t);
 template void sc::launch_mirror_upper_to_lower<float>(float*, int64_t, int64_t, cudaStream_t);
 template void sc::launch_mirror_upper_to_lower<double>(double*, int64_t, int64_t, cudaStream_t);
 EOF
