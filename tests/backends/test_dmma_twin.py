@@ -151,3 +151,51 @@ def test_the_twin_passes_opcheck():
     x = torch.randn(2, 4, 6, 5)
     torch.library.opcheck(torch.ops.sap_fast.conv_gram_dmma_twin.default, (x, [3, 2], [2, 1], [1, 0], [1, 2], 2, 4))
 
+
+# ---------------------------------------------------------------------------------------------
+# tools/check_cuda_sass.py (make check-cuda): how it reads ptxas and the SASS, on canned text
+# ---------------------------------------------------------------------------------------------
+
+def _sass_check():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "check_cuda_sass.py")
+    spec = importlib.util.spec_from_file_location("check_cuda_sass", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+DMMA = "sap_fast::cuda::conv_gram_dmma_kernel<float, sap_fast::cuda::DefaultGramTiling>"
+TILE = "sap_fast::cuda::conv_gram_tile_kernel<float, double, sap_fast::cuda::DefaultGramTiling>"
+PTXAS = """ptxas info    : Compiling entry function '_ZN8sap_fast4cuda21conv_gram_dmma_kernelIfNS0_10GramTilingILi64ELi16ELi16EEEEEvPKT_PdNS0_13ConvGramShapeEl' for 'sm_90'
+ptxas info    : Function properties for _ZN8sap_fast4cuda21conv_gram_dmma_kernelIfNS0_10GramTilingILi64ELi16ELi16EEEEEvPKT_PdNS0_13ConvGramShapeEl
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 80 registers, used 1 barriers, 24576 bytes smem
+ptxas info    : Compiling entry function '_ZN8sap_fast4cuda21conv_gram_tile_kernelIfdNS0_10GramTilingILi64ELi16ELi16EEEEEvPKT_PT0_NS0_13ConvGramShapeEl' for 'sm_90'
+    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 20736 bytes smem
+"""
+SASS = """
+        code for sm_90
+                Function : _ZN8sap_fast4cuda21conv_gram_dmma_kernelIfNS0_10GramTilingILi64ELi16ELi16EEEEEvPKT_PdNS0_13ConvGramShapeEl
+        /*5f70*/                   DMMA.8x8x4 R20, R56.reuse, R38, R20 ;                       /* 0x000000263814723f */
+        /*5fc0*/              @P0  DMMA.8x8x4 R16, R56, R36, R16 ;                             /* 0x000000243810723f */
+                Function : _ZN8sap_fast4cuda21conv_gram_tile_kernelIfdNS0_10GramTilingILi64ELi16ELi16EEEEEvPKT_PT0_NS0_13ConvGramShapeEl
+        /*0100*/                   DFMA R2, R4, R6, R2 ;                                       /* 0x0000000604027228 */
+"""
+
+
+def test_the_sass_check_reads_registers_spills_and_matrix_instructions():
+    check = _sass_check()
+    usage, counts = check.ptxas_usage(PTXAS), check.sass_counts(SASS)
+    dmma = next(m for m in usage if check._mangled_part(DMMA) in m)
+    tile = next(m for m in usage if check._mangled_part(TILE) in m)
+    assert usage[dmma] == [80, 0, 0] and usage[tile] == [255, 8, 4]
+    assert counts[dmma] == {"DMMA": 2, "DFMA": 0} and counts[tile] == {"DMMA": 0, "DFMA": 1}
+    assert check.verdict(DMMA, 80, 0, 0, counts[dmma]) == ""
+    assert check.verdict(DMMA, 80, 0, 0, {"DMMA": 0, "DFMA": 256}) == "no DMMA instruction"
+    assert check.verdict(DMMA, 80, 0, 0, {"DMMA": 32, "DFMA": 4}) == "DFMA beside DMMA"
+    assert check.verdict(TILE, 255, 8, 4, counts[tile]) == "spills"
+    assert check.verdict(TILE, 72, 0, 0, {"DMMA": 1, "DFMA": 0}) == "DMMA in an FMA kernel"
+    assert check.short_name(DMMA) == "conv_gram_dmma_kernel<float>"
+    assert "reinterpret_cast<void*>(&" + DMMA + ")," in check.instantiations([DMMA])
