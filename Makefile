@@ -3,7 +3,8 @@
 #   make test        set up the test stack (native extension included), then run the whole suite
 # and:
 #   make test-fast   the suite without the tests marked slow
-#   make check-cuda  compile every CUDA source with nvcc, then through NVRTC (no GPU, no link)
+#   make check-cuda  compile every CUDA source with nvcc, then through NVRTC, then read the Gram
+#                    kernels' sm_90 machine code: registers, spills, DMMA (no GPU, no link)
 #   make check-triton  compile every Triton launch for sm_90 with the installed Triton and with
 #                      the GPU machine's (3.6.0); fails on a compile error or a spilling default
 #   make gpu-dry-run   every phase of benchmarks/gpu_suite.sh on the CPU at smoke size

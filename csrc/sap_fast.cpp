@@ -19,6 +19,11 @@ TORCH_LIBRARY(sap_fast, m) {
   // The same Gram for stride-1 convs from shifted channel cross-correlations (exact).
   m.def("conv_gram_shift(Tensor x, int[] kernel_size, int[] padding, int[] dilation, int groups, "
         "ScalarType dtype) -> Tensor");
+  // conv_gram with dtype float64 as the CUDA tensor-core tiles compute it on a GPU of sm_count
+  // SMs, emulated on the CPU through the kernel's own index code (csrc/cpu/conv_gram_dmma_twin.cpp):
+  // the twin that the tests hold to the oracle. Not a route of the statistics pass.
+  m.def("conv_gram_dmma_twin(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+        "int groups, int sm_count) -> Tensor");
   // Symmetric eigendecomposition of a batch (B, n, n) of Grams (lower triangle read): ascending
   // eigenvalues (B, n) and orthonormal eigenvectors as columns (B, n, n), like torch.linalg.eigh.
   m.def("eigh(Tensor gram) -> (Tensor, Tensor)");

@@ -4,6 +4,8 @@
 # kernels, instantiates them for float and double). Then the kernel sources the cupy backend
 # compiles at run time, through NVRTC as it does (tools/check_nvrtc.py: one line per file and
 # architecture; it installs cupy-cuda13x and the NVRTC wheel into $PYTHON when they are missing).
+# Last, the kernels' machine code for sm_90 (tools/check_cuda_sass.py: registers, spills, and the
+# DMMA instructions of the FP64 tensor-core tiles, read with cuobjdump -sass).
 # Catches syntax, type and template errors on a CPU-only machine; says nothing about numerics
 # (the GPU tests do that).
 #
@@ -16,6 +18,8 @@
 #   SAP_FAST_HEADER_CACHE  where fetched headers go; default build/cuda-headers.
 #   NVCC                   the nvcc to use; default nvcc on PATH.
 #   SAP_FAST_NVRTC_ARCH    architectures of the NVRTC check; default "sm_80 sm_90".
+#   SAP_FAST_SASS_ARCH     architectures of the machine-code check; default "sm_90".
+#   CUOBJDUMP              the cuobjdump to read it with; default beside nvcc, else Triton's copy.
 #
 # The cuSOLVER/cuBLAS headers are not part of the nvcc-only toolkit on the CPU machines. When the
 # toolkit lacks them, they are taken from the nvidia-cusolver / nvidia-cublas wheels (CUDA 13
@@ -112,6 +116,8 @@ template void sc::launch_conv_gram_tiles<float, float>(const float*, float*, con
 template void sc::launch_conv_gram_tiles<float, double>(const float*, double*, const sc::ConvGramShape&, int, cudaStream_t);
 template void sc::launch_conv_gram_tiles<double, double>(const double*, double*, const sc::ConvGramShape&, int, cudaStream_t);
 template void sc::launch_conv_gram_tiles<double, float>(const double*, float*, const sc::ConvGramShape&, int, cudaStream_t);
+template void sc::launch_conv_gram_dmma_tiles<float>(const float*, double*, const sc::ConvGramShape&, int, cudaStream_t);
+template void sc::launch_conv_gram_dmma_tiles<double>(const double*, double*, const sc::ConvGramShape&, int, cudaStream_t);
 template void sc::launch_mirror_upper_to_lower<float>(float*, int64_t, int64_t, cudaStream_t);
 template void sc::launch_mirror_upper_to_lower<double>(double*, int64_t, int64_t, cudaStream_t);
 EOF
@@ -144,5 +150,8 @@ done
 
 # The same kernels as the cupy backend builds them (NVRTC: no host headers, device code only).
 "$PYTHON" "$ROOT/tools/check_nvrtc.py" || failed=1
+
+# Their machine code: registers and spills of each kernel, DMMA in the tensor-core tiles.
+NVCC="$NVCC" "$PYTHON" "$ROOT/tools/check_cuda_sass.py" ${SAP_FAST_SASS_ARCH:-sm_90} || failed=1
 
 exit "$failed"

@@ -1,6 +1,7 @@
 // CUDA kernel of sap_fast::conv_gram (schema in csrc/sap_fast.cpp): checks the arguments, views
 // 1-D/2-D convs as 3-D ones with size-1 dims, and launches the implicit-im2col Gram kernels of
-// conv_gram_kernels.cuh on the caller's current stream.
+// conv_gram_kernels.cuh on the caller's current stream: a float64 G on the FP64 tensor cores of
+// sm_80 and later (conv_gram_dmma_kernel), everything else on the FMA tiles (conv_gram_tile_kernel).
 //
 // Only c10/cuda headers, not ATen/cuda/CUDAContext.h: that one pulls in the cuBLAS/cuSPARSE/
 // cuSOLVER headers, which a compile check on a machine without them could not find.
@@ -13,62 +14,53 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
-#include "conv_geometry.h"
 #include "conv_gram_kernels.cuh"
+#include "conv_gram_shape.h"
 
 namespace {
 
 using sap_fast::cuda::ConvGramShape;
+using sap_fast::cuda::conv_gram_shape;
 
-// The schema's argument checks (shared with the CPU kernels), then the 3-D shape (leading size-1
-// dims for 1-D/2-D convs) that the kernels work on, and the limits of the CUDA grid.
-ConvGramShape conv_gram_shape(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                              at::ScalarType dtype) {
-  const sap_fast::ConvGeometry g =
-      sap_fast::conv_geometry(x, kernel_size, stride, padding, dilation, groups, dtype, "conv_gram");
-  TORCH_CHECK(groups <= 65535, "conv_gram: at most 65535 groups are supported on CUDA, got ", groups);
-  ConvGramShape s{};
-  s.batch = g.batch;
-  s.channels = g.channels;
-  s.groups = g.groups;
-  s.group_channels = g.group_channels;
-  s.taps = g.taps;
-  s.positions = g.positions;
-  s.width = g.width;
-  const int64_t first = 3 - g.spatial();  // 1-D: (1, 1, L); 2-D: (1, H, W)
-  for (int64_t i = 0; i < 3; ++i) {
-    s.in_size[i] = s.out_size[i] = s.kernel[i] = s.stride[i] = s.dilation[i] = 1;
-    s.padding[i] = 0;
+// SAP_FAST_GRAM_DMMA: "auto" (default, also "1"/"on") puts float64 Grams on the FP64 tensor
+// cores of devices of compute capability 8.0 and later; "0"/"off" keeps the FMA tiles there too
+// (to time the two, or to test the older path on a newer GPU). sap_fast/backends/nvrtc.py reads
+// the same switch.
+bool dmma_allowed() {
+  const char* value = std::getenv("SAP_FAST_GRAM_DMMA");
+  if (value == nullptr || *value == '\0' || !std::strcmp(value, "auto") || !std::strcmp(value, "1") ||
+      !std::strcmp(value, "on")) {
+    return true;
   }
-  for (int64_t i = 0; i < g.spatial(); ++i) {
-    // Guards the kernels' int64 index arithmetic against absurd values.
-    TORCH_CHECK(g.kernel[i] <= (1 << 20) && g.stride[i] <= (1 << 30) && g.dilation[i] <= (1 << 20) &&
-                    g.padding[i] <= (1 << 30),
-                "conv_gram: kernel_size/stride/padding/dilation out of range: ", kernel_size, ", ", stride,
-                ", ", padding, ", ", dilation);
-    const int64_t d = first + i;
-    s.in_size[d] = g.input[i];
-    s.out_size[d] = g.output[i];
-    s.kernel[d] = g.kernel[i];
-    s.stride[d] = g.stride[i];
-    s.padding[d] = g.padding[i];
-    s.dilation[d] = g.dilation[i];
-  }
-  TORCH_CHECK(s.positions == 0 || s.batch <= std::numeric_limits<int64_t>::max() / s.positions,
-              "conv_gram: N * output positions overflows int64");
-  s.rows = s.batch * s.positions;
-  TORCH_CHECK(sap_fast::cuda::conv_gram_grid_fits(s, sap_fast::cuda::DefaultGramTiling::kTile),
-              "conv_gram: Gram width d = ", s.width, " is too large for the CUDA kernel's grid");
-  return s;
+  TORCH_CHECK(!std::strcmp(value, "0") || !std::strcmp(value, "off"), "SAP_FAST_GRAM_DMMA='", value,
+              "': use auto, 0 or 1");
+  return false;
 }
 
+bool use_dmma(int device) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8 && dmma_allowed();
+}
+
+// The tiles (on tensor cores where `dmma` and G is float64), then the mirror.
 template <typename scalar_t, typename acc_t>
-void launch(const at::Tensor& x, at::Tensor& gram, const ConvGramShape& s, int sm_count, cudaStream_t stream) {
+void launch(const at::Tensor& x, at::Tensor& gram, const ConvGramShape& s, int sm_count, bool dmma,
+            cudaStream_t stream) {
   acc_t* out = gram.mutable_data_ptr<acc_t>();
-  sap_fast::cuda::launch_conv_gram_tiles<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), out, s, sm_count, stream);
+  if constexpr (std::is_same_v<acc_t, double>) {
+    if (dmma) {
+      sap_fast::cuda::launch_conv_gram_dmma_tiles<scalar_t>(x.const_data_ptr<scalar_t>(), out, s, sm_count, stream);
+    } else {
+      sap_fast::cuda::launch_conv_gram_tiles<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), out, s, sm_count, stream);
+    }
+  } else {
+    sap_fast::cuda::launch_conv_gram_tiles<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), out, s, sm_count, stream);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sap_fast::cuda::launch_mirror_upper_to_lower<acc_t>(out, s.width, s.groups, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -90,14 +82,15 @@ at::Tensor conv_gram_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::
 
   const bool x_double = xc.scalar_type() == at::kDouble;
   const bool acc_double = dtype == at::kDouble;
+  const bool dmma = acc_double && use_dmma(x.get_device());
   if (!x_double && acc_double) {
-    launch<float, double>(xc, gram, s, sm_count, stream);
+    launch<float, double>(xc, gram, s, sm_count, dmma, stream);
   } else if (!x_double) {
-    launch<float, float>(xc, gram, s, sm_count, stream);
+    launch<float, float>(xc, gram, s, sm_count, dmma, stream);
   } else if (acc_double) {
-    launch<double, double>(xc, gram, s, sm_count, stream);
+    launch<double, double>(xc, gram, s, sm_count, dmma, stream);
   } else {
-    launch<double, float>(xc, gram, s, sm_count, stream);
+    launch<double, float>(xc, gram, s, sm_count, dmma, stream);
   }
   return gram;
 }

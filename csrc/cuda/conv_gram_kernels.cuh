@@ -27,14 +27,33 @@
 // converted to the accumulation type there, and multiplied as an outer-product update by a
 // 16×16 thread grid, each thread owning a 4×4 sub-tile in registers.
 //
-// This is the clear, correct baseline; the H100 tuning (tensor cores, double buffering, cheaper
-// row decomposition, shift trick for stride-1 3×3) comes later and should keep the contract.
+// That kernel is the clear, correct baseline and the path of GPUs before sm_80. From sm_80 on, a
+// float64 Gram takes conv_gram_dmma_kernel instead: the same tiles, grid, split-K and slabs, its
+// product on the FP64 tensor cores (DMMA, mma.sync m8n8k4), 8 warps each owning a 32×16 block of
+// the tile (see "FP64 tensor-core tiles" below). Still to come: double buffering, a cheaper row
+// decomposition, the shift trick for stride-1 3×3; each should keep the contract.
+//
+// A third compiler reads it: g++ (csrc/cpu/conv_gram_dmma_twin.cpp). The index code of the tiles
+// is marked SAP_FAST_HD (__host__ __device__ under nvcc and NVRTC, nothing under g++), so the CPU
+// twin of the tensor-core kernel runs the very loads, fragment indexing and stores of the device
+// path, with the m8n8k4 product emulated lane by lane; the kernels and the launchers are hidden
+// from g++.
 #pragma once
 
 #ifndef __CUDACC_RTC__
+#ifdef __CUDACC__
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
+#endif
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define SAP_FAST_HD __host__ __device__
+#define SAP_FAST_UNROLL _Pragma("unroll")
+#else
+#define SAP_FAST_HD
+#define SAP_FAST_UNROLL
 #endif
 
 namespace sap_fast::cuda {
@@ -97,7 +116,7 @@ struct ColumnTap {
   int64_t displacement[3];
 };
 
-__host__ __device__ inline ColumnTap make_column_tap(const ConvGramShape& s, int64_t group, int64_t col) {
+SAP_FAST_HD inline ColumnTap make_column_tap(const ConvGramShape& s, int64_t group, int64_t col) {
   ColumnTap tap{-1, {0, 0, 0}};
   if (col < 0 || col >= s.width) return tap;
   const int64_t channel = col / s.taps;
@@ -119,7 +138,7 @@ struct RowOrigin {
   int64_t corner[3];
 };
 
-__host__ __device__ inline RowOrigin make_row_origin(const ConvGramShape& s, int64_t row, int64_t row_end) {
+SAP_FAST_HD inline RowOrigin make_row_origin(const ConvGramShape& s, int64_t row, int64_t row_end) {
   RowOrigin origin{-1, {0, 0, 0}};
   if (row < 0 || row >= row_end) return origin;
   const int64_t sample = row / s.positions;
@@ -138,7 +157,7 @@ __host__ __device__ inline RowOrigin make_row_origin(const ConvGramShape& s, int
 // R[row, col] read from x: zero outside the input (the conv's zero padding) and for the
 // out-of-range rows/columns of ragged tiles, so those add nothing to G.
 template <typename scalar_t, typename acc_t>
-__host__ __device__ inline acc_t patch_value(const scalar_t* x, const ConvGramShape& s, const RowOrigin& origin,
+SAP_FAST_HD inline acc_t patch_value(const scalar_t* x, const ConvGramShape& s, const RowOrigin& origin,
                                              const ColumnTap& tap) {
   if (origin.sample_offset < 0 || tap.channel_offset < 0) return acc_t(0);
   const int64_t id = origin.corner[0] + tap.displacement[0];
@@ -154,7 +173,7 @@ __host__ __device__ inline acc_t patch_value(const scalar_t* x, const ConvGramSh
 // blockIdx.x → (tile_row, tile_col) with tile_row ≤ tile_col, enumerating the upper triangle row
 // by row: row t holds tiles - t pairs. A loop (≤ tiles steps, once per block) rather than a
 // square-root formula, which can round wrongly for large tile counts.
-__host__ __device__ inline void upper_tile_pair(int64_t index, int64_t tiles, int64_t* tile_row, int64_t* tile_col) {
+SAP_FAST_HD inline void upper_tile_pair(int64_t index, int64_t tiles, int64_t* tile_row, int64_t* tile_col) {
   int64_t row = 0;
   while (index >= tiles - row) {
     index -= tiles - row;
@@ -164,7 +183,45 @@ __host__ __device__ inline void upper_tile_pair(int64_t index, int64_t tiles, in
   *tile_col = row + index;
 }
 
-__host__ __device__ inline int64_t upper_tile_count(int64_t tiles) { return tiles * (tiles + 1) / 2; }
+SAP_FAST_HD inline int64_t upper_tile_count(int64_t tiles) { return tiles * (tiles + 1) / 2; }
+
+// What one block of the tile grid computes: its upper-triangle tile (tile_row ≤ tile_col), its
+// group and its range of rows [row_begin, row_end) (split-K). `block_x/y/z` are blockIdx.x/y/z.
+struct TileBlock {
+  int64_t tile_row, tile_col, group, row_begin, row_end;
+  bool diagonal;
+};
+
+SAP_FAST_HD inline TileBlock tile_block(const ConvGramShape& s, int tile, int64_t rows_per_split, int64_t block_x,
+                                        int64_t block_y, int64_t block_z) {
+  TileBlock b{};
+  upper_tile_pair(block_x, (s.width + tile - 1) / tile, &b.tile_row, &b.tile_col);
+  b.diagonal = b.tile_row == b.tile_col;
+  b.group = block_y;
+  b.row_begin = block_z * rows_per_split;
+  b.row_end = b.row_begin + rows_per_split < s.rows ? b.row_begin + rows_per_split : s.rows;
+  return b;
+}
+
+// Thread tid's share of the block's column taps: taps[0] for tile_row's columns, taps[1] for
+// tile_col's.
+template <typename Tiling>
+SAP_FAST_HD inline void load_column_taps(const ConvGramShape& s, const TileBlock& b, int tid,
+                                         ColumnTap (*taps)[Tiling::kTile]) {
+  constexpr int kTile = Tiling::kTile;
+  for (int i = tid; i < 2 * kTile; i += Tiling::kThreads) {
+    const int side = i / kTile;
+    const int local = i % kTile;
+    taps[side][local] = make_column_tap(s, b.group, (side == 0 ? b.tile_row : b.tile_col) * kTile + local);
+  }
+}
+
+// Whether Gram cell (r, c) of a tile is added: inside the Gram and on or above its diagonal.
+SAP_FAST_HD inline bool upper_cell(const ConvGramShape& s, int64_t r, int64_t c) {
+  return r < s.width && c < s.width && r <= c;
+}
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 
 // One upper-triangle tile of one group's Gram, over the rows [blockIdx.z·rows_per_split, +rows_per_split),
 // added into `gram` (zeroed by the caller). Diagonal tiles add only their upper half, so the
@@ -178,13 +235,10 @@ __global__ void __launch_bounds__(Tiling::kThreads)
   constexpr int kThreadsPerDim = Tiling::kThreadsPerDim;
   constexpr int kPerThread = Tiling::kPerThread;
 
-  const int64_t tiles = (s.width + kTile - 1) / kTile;
-  int64_t tile_row, tile_col;
-  upper_tile_pair(blockIdx.x, tiles, &tile_row, &tile_col);
-  const bool diagonal = tile_row == tile_col;
-  const int64_t group = blockIdx.y;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.z) * rows_per_split;
-  const int64_t row_end = row_begin + rows_per_split < s.rows ? row_begin + rows_per_split : s.rows;
+  const TileBlock block = tile_block(s, kTile, rows_per_split, blockIdx.x, blockIdx.y, blockIdx.z);
+  const int64_t tile_row = block.tile_row, tile_col = block.tile_col, group = block.group;
+  const int64_t row_begin = block.row_begin, row_end = block.row_end;
+  const bool diagonal = block.diagonal;
   if (row_begin >= row_end) return;  // the launcher sizes the grid so this does not happen
 
   // +1 column of padding: the loaders write down a column, which would otherwise hit one bank.
@@ -193,11 +247,7 @@ __global__ void __launch_bounds__(Tiling::kThreads)
   __shared__ ColumnTap taps[2][kTile];           // [0]: tile_row's columns, [1]: tile_col's
 
   const int tid = threadIdx.y * kThreadsPerDim + threadIdx.x;
-  for (int i = tid; i < 2 * kTile; i += Tiling::kThreads) {
-    const int side = i / kTile;
-    const int local = i % kTile;
-    taps[side][local] = make_column_tap(s, group, (side == 0 ? tile_row : tile_col) * kTile + local);
-  }
+  load_column_taps<Tiling>(s, block, tid, taps);
   __syncthreads();
 
   acc_t acc[kPerThread][kPerThread];
@@ -247,7 +297,7 @@ __global__ void __launch_bounds__(Tiling::kThreads)
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t c = tile_col * kTile + threadIdx.x + j * kThreadsPerDim;
-      if (r < s.width && c < s.width && r <= c) atomicAdd(group_gram + r * s.width + c, acc[i][j]);
+      if (upper_cell(s, r, c)) atomicAdd(group_gram + r * s.width + c, acc[i][j]);
     }
   }
 }
@@ -268,11 +318,188 @@ __global__ void mirror_upper_to_lower_kernel(acc_t* __restrict__ gram, int64_t w
   }
 }
 
+#endif  // __CUDACC__ || __CUDACC_RTC__
+
+// ---------------------------------------------------------------------------------------------
+// FP64 tensor-core tiles (sm_80+): conv_gram_dmma_kernel, float64 Grams only.
+//
+// The block, its grid, split-K and gathered slabs are conv_gram_tile_kernel's (the same Tiling,
+// 256 threads as a 16×16 block); only the product differs. Each chunk's slabs are held as A and B
+// of G_tile += Aᵀ·B with A = R[chunk rows, tile_row's columns], B = R[chunk rows, tile_col's],
+// and multiplied by mma.sync.aligned.m8n8k4.row.col.f64: an 8×8 += 8×4 · 4×8 product per warp
+// and instruction. The 8 warps tile the 64×64 output as 2 (down) × 4 (across), each warp owning
+// a 32×16 block = 4×2 mma tiles, 16 float64 accumulators per thread; a 16-row chunk is 4 k-steps
+// of 8 mma each per warp.
+//
+// Fragments (PTX ISA, "Matrix Fragments for mma.m8n8k4 with .f64"): with g = lane >> 2 and
+// t = lane & 3, a lane holds A_mma[g][t] (8×4, row), B_mma[t][g] (4×8, col) and C[g][2t], C[g][2t+1].
+// Here A_mma[m][k] = R[k][m] (the slab read down a tile column), so both operands are
+// "R[k-step row t][tile column g]": a slab stored column by column, k contiguous, serves both.
+// Its column stride kChunk + 4 puts the warp's 32 reads (8 columns × 4 rows) on 32 distinct
+// 8-byte words modulo 16 pairs of banks, two wavefronts, the least for 32 doubles; the loaders'
+// writes (16 consecutive rows of 2 columns) land conflict-free the same way.
+//
+// The DmmaTiles functions are the whole index arithmetic (loads, fragments, output cells), for
+// the device and for the CPU twin (csrc/cpu/conv_gram_dmma_twin.cpp) alike; only the m8n8k4
+// product itself differs (DMMA on the GPU, an emulation of the PTX fragment layout on the CPU).
+// ---------------------------------------------------------------------------------------------
+
+template <typename Tiling_>
+struct DmmaTiles {
+  using Tiling = Tiling_;
+  static constexpr int kTile = Tiling::kTile;
+  static constexpr int kChunk = Tiling::kChunk;
+  static constexpr int kThreads = Tiling::kThreads;
+  static constexpr int kWarpSize = 32;
+  static constexpr int kWarps = kThreads / kWarpSize;
+  static constexpr int kWarpRows = 2;                   // warps down the tile
+  static constexpr int kWarpCols = kWarps / kWarpRows;  // warps across it
+  static constexpr int kWarpM = kTile / kWarpRows;      // tile rows per warp (32)
+  static constexpr int kWarpN = kTile / kWarpCols;      // tile columns per warp (16)
+  static constexpr int kMmaMN = 8;                      // m8n8k4
+  static constexpr int kMmaK = 4;
+  static constexpr int kFragsM = kWarpM / kMmaMN;  // mma tiles per warp, down (4)
+  static constexpr int kFragsN = kWarpN / kMmaMN;  // and across (2)
+  static constexpr int kSteps = kChunk / kMmaK;    // k-steps per chunk (4)
+  static constexpr int kSlabStride = kChunk + 4;   // doubles between tile columns of a slab
+  static constexpr int kSlabSize = kTile * kSlabStride;
+
+  static_assert(kThreads % (kWarpSize * kWarpRows) == 0, "whole warps, kWarpRows of them down the tile");
+  static_assert(kTile % (kWarpRows * kMmaMN) == 0 && kTile % (kWarpCols * kMmaMN) == 0,
+                "every warp owns whole 8×8 mma tiles");
+  static_assert(kChunk % kMmaK == 0, "whole k-steps per chunk");
+
+  // The slab word of chunk row k (0 ≤ k < kChunk), tile column col (0 ≤ col < kTile).
+  SAP_FAST_HD static constexpr int slab_index(int k, int col) { return col * kSlabStride + k; }
+
+  // Thread tid's share of one chunk: rows [chunk, chunk + kChunk) of R (rows past row_end and
+  // columns past d read as zero) converted to float64 into the slabs; col_slab is left alone on
+  // the diagonal (its product reads row_slab twice). Neighbouring threads take neighbouring rows,
+  // as conv_gram_tile_kernel's loaders do.
+  template <typename scalar_t>
+  SAP_FAST_HD static void gather_chunk(const scalar_t* x, const ConvGramShape& s, const ColumnTap* row_taps,
+                                       const ColumnTap* col_taps, int64_t chunk, int64_t row_end, bool diagonal,
+                                       int tid, double* row_slab, double* col_slab) {
+    const int load_row = tid % kChunk;
+    const int load_col = tid / kChunk;
+    const RowOrigin origin = make_row_origin(s, chunk + load_row, row_end);
+    SAP_FAST_UNROLL
+    for (int l = 0; l < Tiling::kLoadsPerThread; ++l) {
+      const int col = load_col + l * Tiling::kColsPerLoad;
+      row_slab[slab_index(load_row, col)] = patch_value<scalar_t, double>(x, s, origin, row_taps[col]);
+      if (!diagonal) col_slab[slab_index(load_row, col)] = patch_value<scalar_t, double>(x, s, origin, col_taps[col]);
+    }
+  }
+
+  // The first tile row and column of warp `warp`'s 32×16 block.
+  SAP_FAST_HD static constexpr int warp_row(int warp) { return warp / kWarpCols * kWarpM; }
+  SAP_FAST_HD static constexpr int warp_col(int warp) { return warp % kWarpCols * kWarpN; }
+
+  // Lane `lane`'s A and B fragments at k-step `step`: a[mi] = A_mma[g][t] of mma tile row mi,
+  // b[nj] = B_mma[t][g] of mma tile column nj, both read as slab (chunk row 4·step + t, column).
+  SAP_FAST_HD static void load_fragments(const double* left, const double* right, int warp, int lane, int step,
+                                         double (&a)[kFragsM], double (&b)[kFragsN]) {
+    const int k = step * kMmaK + (lane & 3);
+    const int within = lane >> 2;
+    SAP_FAST_UNROLL
+    for (int mi = 0; mi < kFragsM; ++mi) a[mi] = left[slab_index(k, warp_row(warp) + mi * kMmaMN + within)];
+    SAP_FAST_UNROLL
+    for (int nj = 0; nj < kFragsN; ++nj) b[nj] = right[slab_index(k, warp_col(warp) + nj * kMmaMN + within)];
+  }
+
+  // The tile row and column of accumulator i (0, 1) of mma tile (mi, nj) in lane `lane`: C[g][2t + i].
+  SAP_FAST_HD static constexpr int cell_row(int warp, int lane, int mi) {
+    return warp_row(warp) + mi * kMmaMN + (lane >> 2);
+  }
+  SAP_FAST_HD static constexpr int cell_col(int warp, int lane, int nj, int i) {
+    return warp_col(warp) + nj * kMmaMN + 2 * (lane & 3) + i;
+  }
+};
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+
+// c += A_mma·B_mma for one 8×8 tile, the warp's 32 lanes together (each passes its fragments).
+// Below sm_80 (a build whose PTX is compiled for an older GPU and run on a newer one) the same
+// product from warp shuffles, in the same fragment layout: slower, never wrong.
+__device__ inline void dmma_m8n8k4(double (&c)[2], double a, double b, int lane) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  (void)lane;
+  asm("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+      : "+d"(c[0]), "+d"(c[1])
+      : "d"(a), "d"(b));
+#else
+  const int col = 2 * (lane & 3);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const double ak = __shfl_sync(0xffffffffu, a, (lane & ~3) | k);  // A_mma[g][k] is lane 4g + k's
+    c[0] = fma(ak, __shfl_sync(0xffffffffu, b, 4 * col + k), c[0]);  // B_mma[k][n] is lane 4n + k's
+    c[1] = fma(ak, __shfl_sync(0xffffffffu, b, 4 * (col + 1) + k), c[1]);
+  }
+#endif
+}
+
+// conv_gram_tile_kernel's contract (one upper tile, one group, one row range, added with
+// atomicAdd into a zeroed float64 G; the mirror completes it) with the product on tensor cores.
+template <typename scalar_t, typename Tiling>
+__global__ void __launch_bounds__(Tiling::kThreads)
+    conv_gram_dmma_kernel(const scalar_t* __restrict__ x, double* __restrict__ gram, ConvGramShape s,
+                          int64_t rows_per_split) {
+  using Tiles = DmmaTiles<Tiling>;
+  const TileBlock block = tile_block(s, Tiling::kTile, rows_per_split, blockIdx.x, blockIdx.y, blockIdx.z);
+  if (block.row_begin >= block.row_end) return;  // the launcher sizes the grid so this does not happen
+
+  __shared__ double row_slab[Tiles::kSlabSize];  // R[chunk rows, tile_row's columns], column by column
+  __shared__ double col_slab[Tiles::kSlabSize];  // R[chunk rows, tile_col's columns]; unused on the diagonal
+  __shared__ ColumnTap taps[2][Tiling::kTile];
+
+  const int tid = threadIdx.y * Tiling::kThreadsPerDim + threadIdx.x;
+  const int warp = tid / Tiles::kWarpSize;
+  const int lane = tid % Tiles::kWarpSize;
+  load_column_taps<Tiling>(s, block, tid, taps);
+  __syncthreads();
+
+  double acc[Tiles::kFragsM][Tiles::kFragsN][2] = {};
+  const double* const right = block.diagonal ? row_slab : col_slab;
+
+  for (int64_t chunk = block.row_begin; chunk < block.row_end; chunk += Tiling::kChunk) {
+    Tiles::gather_chunk(x, s, taps[0], taps[1], chunk, block.row_end, block.diagonal, tid, row_slab, col_slab);
+    __syncthreads();
+#pragma unroll
+    for (int step = 0; step < Tiles::kSteps; ++step) {
+      double a[Tiles::kFragsM], b[Tiles::kFragsN];
+      Tiles::load_fragments(row_slab, right, warp, lane, step, a, b);
+#pragma unroll
+      for (int mi = 0; mi < Tiles::kFragsM; ++mi) {
+#pragma unroll
+        for (int nj = 0; nj < Tiles::kFragsN; ++nj) dmma_m8n8k4(acc[mi][nj], a[mi], b[nj], lane);
+      }
+    }
+    __syncthreads();  // the slabs are overwritten by the next chunk
+  }
+
+  double* group_gram = gram + block.group * s.width * s.width;
+#pragma unroll
+  for (int mi = 0; mi < Tiles::kFragsM; ++mi) {
+    const int64_t r = block.tile_row * Tiling::kTile + Tiles::cell_row(warp, lane, mi);
+#pragma unroll
+    for (int nj = 0; nj < Tiles::kFragsN; ++nj) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int64_t c = block.tile_col * Tiling::kTile + Tiles::cell_col(warp, lane, nj, i);
+        if (upper_cell(s, r, c)) atomicAdd(group_gram + r * s.width + c, acc[mi][nj][i]);
+      }
+    }
+  }
+}
+
+#endif  // __CUDACC__ || __CUDACC_RTC__
+
 // ---------------------------------------------------------------------------------------------
 // Host-side launch functions (no torch): the caller zeroes `gram`, launches the tiles, then the
 // mirror, on one stream, checking each launch. Not for NVRTC (device code only, no <<<>>>):
 // sap_fast/backends/nvrtc.py launches the same kernels with the same grid, and keeps a copy of
-// choose_rows_per_split and conv_gram_grid_fits that must change with them.
+// choose_rows_per_split and conv_gram_grid_fits that must change with them. The split-K choice
+// is plain C++, which the CPU twin shares; the launches are nvcc's only.
 // ---------------------------------------------------------------------------------------------
 #ifndef __CUDACC_RTC__
 
@@ -294,12 +521,19 @@ inline int64_t choose_rows_per_split(int64_t tile_blocks, int64_t rows, int sm_c
   return (rows_per_split + chunk - 1) / chunk * chunk;
 }
 
+// choose_rows_per_split for shape s on sm_count SMs, and the grid it gives: (upper tiles,
+// groups, row ranges).
 template <typename Tiling>
-inline dim3 conv_gram_tile_grid(const ConvGramShape& s, int64_t rows_per_split) {
+inline int64_t tile_rows_per_split(const ConvGramShape& s, int sm_count) {
   const int64_t tiles = (s.width + Tiling::kTile - 1) / Tiling::kTile;
-  const int64_t splits = (s.rows + rows_per_split - 1) / rows_per_split;
-  return dim3(static_cast<unsigned>(upper_tile_count(tiles)), static_cast<unsigned>(s.groups),
-              static_cast<unsigned>(splits));
+  return choose_rows_per_split(upper_tile_count(tiles) * s.groups, s.rows, sm_count, Tiling::kChunk);
+}
+
+template <typename Tiling>
+inline void tile_grid_size(const ConvGramShape& s, int64_t rows_per_split, int64_t size[3]) {
+  size[0] = upper_tile_count((s.width + Tiling::kTile - 1) / Tiling::kTile);
+  size[1] = s.groups;
+  size[2] = (s.rows + rows_per_split - 1) / rows_per_split;
 }
 
 // Whether the launch grid can hold this shape: groups on gridDim.y (≤ 65535), upper tiles on
@@ -309,15 +543,33 @@ inline bool conv_gram_grid_fits(const ConvGramShape& s, int tile) {
   return s.groups <= 65535 && upper_tile_count(tiles) <= 2147483647LL;
 }
 
+#ifdef __CUDACC__
+
+template <typename Tiling>
+inline dim3 conv_gram_tile_grid(const ConvGramShape& s, int64_t rows_per_split) {
+  int64_t size[3];
+  tile_grid_size<Tiling>(s, rows_per_split, size);
+  return dim3(static_cast<unsigned>(size[0]), static_cast<unsigned>(size[1]), static_cast<unsigned>(size[2]));
+}
+
 template <typename scalar_t, typename acc_t, typename Tiling = DefaultGramTiling>
 inline void launch_conv_gram_tiles(const scalar_t* x, acc_t* gram, const ConvGramShape& s, int sm_count,
                                    cudaStream_t stream) {
-  const int64_t tiles = (s.width + Tiling::kTile - 1) / Tiling::kTile;
-  const int64_t tile_blocks = upper_tile_count(tiles) * s.groups;
-  const int64_t rows_per_split = choose_rows_per_split(tile_blocks, s.rows, sm_count, Tiling::kChunk);
+  const int64_t rows_per_split = tile_rows_per_split<Tiling>(s, sm_count);
   const dim3 grid = conv_gram_tile_grid<Tiling>(s, rows_per_split);
   const dim3 block(Tiling::kThreadsPerDim, Tiling::kThreadsPerDim);
   conv_gram_tile_kernel<scalar_t, acc_t, Tiling><<<grid, block, 0, stream>>>(x, gram, s, rows_per_split);
+}
+
+// The tensor-core tiles: the same grid and block as launch_conv_gram_tiles, float64 G only, for
+// devices of compute capability 8.0 and later (the caller checks).
+template <typename scalar_t, typename Tiling = DefaultGramTiling>
+inline void launch_conv_gram_dmma_tiles(const scalar_t* x, double* gram, const ConvGramShape& s, int sm_count,
+                                        cudaStream_t stream) {
+  const int64_t rows_per_split = tile_rows_per_split<Tiling>(s, sm_count);
+  const dim3 grid = conv_gram_tile_grid<Tiling>(s, rows_per_split);
+  const dim3 block(Tiling::kThreadsPerDim, Tiling::kThreadsPerDim);
+  conv_gram_dmma_kernel<scalar_t, Tiling><<<grid, block, 0, stream>>>(x, gram, s, rows_per_split);
 }
 
 template <typename acc_t>
@@ -328,6 +580,8 @@ inline void launch_mirror_upper_to_lower(acc_t* gram, int64_t width, int64_t mat
   const unsigned blocks = static_cast<unsigned>(wanted < 65535 ? (wanted > 0 ? wanted : 1) : 65535);
   mirror_upper_to_lower_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(gram, width, matrices);
 }
+
+#endif  // __CUDACC__
 
 #endif  // __CUDACC_RTC__
 

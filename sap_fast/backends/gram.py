@@ -10,6 +10,8 @@ Kernels:
 - ``"shift"``: the C++ shift-correlation Gram (``torch.ops.sap_fast.conv_gram_shift``), for
   stride-1 convs with a kernel larger than 1 on the CPU;
 - ``"cuda"``: the implicit-im2col CUDA kernel (``torch.ops.sap_fast.conv_gram``), convs on a GPU;
+  a float64 Gram runs its product on the FP64 tensor cores from sm_80 on (DMMA tiles,
+  ``SAP_FAST_GRAM_DMMA=0`` keeps the FMA tiles), the FMA tiles elsewhere;
 - ``"cupy"``: the same CUDA kernel compiled at run time by NVRTC through cupy (:mod:`.nvrtc`),
   convs on a GPU whose install has no CMake-built CUDA kernels (torch from a wheel, no toolkit);
 - ``"triton"``: the Triton implicit-im2col kernel (:mod:`.triton.gram`), convs, and linear
@@ -25,6 +27,15 @@ half of cuBLAS's full product for ViT's linear layers), or ``shift`` (stride-1 1
 :mod:`.shift` where it does fewer multiply-adds). A choice that cannot run here falls back to
 what ``auto`` picks (``triton`` to the portable path). The tf32/bf16 modes exist only as Triton
 kernels.
+
+Which kernel ``auto`` gives a float64 conv Gram on an H100 is a measured choice, and no GPU has
+measured it yet: the CUDA kernel on FP64 tensor cores (about twice the FP64 FMA rate, and the
+same tiles on FMAs before sm_80), Triton's fp64 kernel (its ``tl.dot`` on DMMA too), or cuBLAS
+on unfolded chunks of rows (the portable path; DMMA GEMMs, but R is materialised). Until
+``benchmarks/gpu_gram.py`` times them (fp64 against fp64-triton, and fp64 again with
+``SAP_FAST_GRAM_DMMA=0`` for the FMA tiles), ``auto`` stays as above: the CUDA kernel, now on
+tensor cores from sm_80 on; its result is the same Gram either way (the tests hold both tile
+paths to the float64 oracle).
 """
 from __future__ import annotations
 

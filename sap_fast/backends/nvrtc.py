@@ -57,6 +57,12 @@ def tile_kernel_name(x_dtype: torch.dtype, acc_dtype: torch.dtype) -> str:
             f"{_NAMESPACE}::DefaultGramTiling>")
 
 
+def dmma_kernel_name(x_dtype: torch.dtype) -> str:
+    """The name expression of the FP64 tensor-core tile kernel (float64 Gram, sm_80 and later)
+    for float32/float64 input."""
+    return f"{_NAMESPACE}::conv_gram_dmma_kernel<{_CTYPE[x_dtype]}, {_NAMESPACE}::DefaultGramTiling>"
+
+
 def mirror_kernel_name(acc_dtype: torch.dtype) -> str:
     """The name expression of the kernel that copies the upper triangle to the lower."""
     return f"{_NAMESPACE}::mirror_upper_to_lower_kernel<{_CTYPE[acc_dtype]}>"
@@ -64,11 +70,33 @@ def mirror_kernel_name(acc_dtype: torch.dtype) -> str:
 
 _DTYPES = (torch.float32, torch.float64)
 #: Every kernel source NVRTC compiles, with the instantiations it needs: the four (input,
-#: accumulation) pairs of csrc/cuda/conv_gram.cu and the mirror for both accumulation types.
+#: accumulation) pairs of csrc/cuda/conv_gram.cu, the tensor-core tiles for both inputs, and the
+#: mirror for both accumulation types.
 KERNEL_SOURCES: Dict[str, Tuple[str, ...]] = {
     "conv_gram_kernels.cuh": tuple(tile_kernel_name(x, acc) for x in _DTYPES for acc in _DTYPES)
+                             + tuple(dmma_kernel_name(x) for x in _DTYPES)
                              + tuple(mirror_kernel_name(acc) for acc in _DTYPES),
 }
+#: The first compute capability with FP64 tensor cores (mma.sync m8n8k4 .f64).
+DMMA_MIN_MAJOR = 8
+
+
+def dmma_allowed() -> bool:
+    """``SAP_FAST_GRAM_DMMA``, as csrc/cuda/conv_gram.cu reads it: ``auto`` (default; also ``1``,
+    ``on``) puts float64 Grams on the FP64 tensor cores from sm_80 on; ``0``/``off`` keeps the FMA
+    tiles there too (to time the two, or to test the older path on a newer GPU)."""
+    value = os.environ.get("SAP_FAST_GRAM_DMMA", "auto").strip().lower()
+    if value in ("", "auto", "1", "on"):
+        return True
+    if value in ("0", "off"):
+        return False
+    raise ValueError(f"SAP_FAST_GRAM_DMMA={value!r}: use auto, 0 or 1")
+
+
+def uses_dmma(acc_dtype: torch.dtype, capability_major: int) -> bool:
+    """Whether a Gram in ``acc_dtype`` on a device of that compute capability takes the
+    tensor-core tiles (the choice of csrc/cuda/conv_gram.cu)."""
+    return acc_dtype == torch.float64 and capability_major >= DMMA_MIN_MAJOR and dmma_allowed()
 #: NVRTC options beyond the architecture (cupy adds ``-arch`` for the device; the check passes
 #: ``--gpu-architecture``). C++17: the sources use nested namespaces; cupy 14 defaults to it too.
 NVRTC_OPTIONS: Tuple[str, ...] = ("--std=c++17",)
@@ -348,11 +376,14 @@ def mirror_blocks(width: int, matrices: int) -> int:
 
 
 def launch(cp, module, x: torch.Tensor, gram: torch.Tensor, shape: ConvGramShape, sm_count: int,
-           stream) -> None:
+           stream, dmma: bool = False) -> None:
     """Queue the tile kernel, then the mirror, on ``stream`` (a cupy stream): ``gram`` must be
-    zeroed (the tiles add into it), ``x`` contiguous. ``cp`` is the cupy module and ``module`` a
-    :func:`_module` (or stand-ins, in the tests)."""
-    tile = module.get_function(tile_kernel_name(x.dtype, gram.dtype))
+    zeroed (the tiles add into it), ``x`` contiguous. ``dmma``: the tensor-core tiles, for a
+    float64 ``gram`` (:func:`uses_dmma`); same grid and block. ``cp`` is the cupy module and
+    ``module`` a :func:`_module` (or stand-ins, in the tests)."""
+    if dmma and gram.dtype != torch.float64:
+        raise ValueError(f"the tensor-core tiles compute float64 Grams only, got {gram.dtype}")
+    tile = module.get_function(dmma_kernel_name(x.dtype) if dmma else tile_kernel_name(x.dtype, gram.dtype))
     mirror = module.get_function(mirror_kernel_name(gram.dtype))
     tiles = -(-shape.width // TILE)
     per_split = rows_per_split(upper_tile_count(tiles) * shape.groups, shape.rows, sm_count)
@@ -371,6 +402,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def conv_gram(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
               padding: Sequence[int], dilation: Sequence[int], groups: int,
               dtype: torch.dtype) -> torch.Tensor:
@@ -386,7 +422,8 @@ def conv_gram(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int]
 
     Returns:
         A new ``(groups, d, d)`` tensor on x's device, ``d = (C/groups)·prod(kernel_size)``,
-        exactly symmetric. With more than one split-K range per tile the atomics add in any
+        exactly symmetric. A float64 Gram is computed on the FP64 tensor cores from sm_80 on
+        (:func:`uses_dmma`), as the CMake-built op does. With more than one split-K range per tile the atomics add in any
         order, so the last bits vary run to run (as for the CMake-built kernel).
 
     Raises:
@@ -409,7 +446,8 @@ def conv_gram(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int]
         x = x.contiguous()
         with cp.cuda.Device(device.index):
             stream = cupy_runtime.stream_of(cp, torch.cuda.current_stream(device))
-            launch(cp, _module("conv_gram_kernels.cuh"), x, gram, shape, _sm_count(device.index), stream)
+            launch(cp, _module("conv_gram_kernels.cuh"), x, gram, shape, _sm_count(device.index), stream,
+                   dmma=uses_dmma(dtype, _capability_major(device.index)))
     return gram
 
 

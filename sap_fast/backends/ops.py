@@ -1,7 +1,8 @@
 """Shape functions ("fakes") for the native ops, so ``torch.compile``/``opcheck`` can trace them
 without running them. Imported by :mod:`sap_fast.backends.native` once ``sap_fast._C`` has loaded; the
-ops themselves are ``torch.ops.sap_fast.conv_gram`` / ``conv_gram_shift`` / ``eigh``
-(schemas in ``csrc/sap_fast.cpp``)."""
+ops themselves are ``torch.ops.sap_fast.conv_gram`` / ``conv_gram_shift`` / ``eigh``, and
+``conv_gram_dmma_twin``, the CPU twin of the CUDA tensor-core tiles that the tests run (schemas in
+``csrc/sap_fast.cpp``)."""
 from __future__ import annotations
 
 import math
@@ -25,6 +26,12 @@ def _conv_gram_fake(x, kernel_size, stride, padding, dilation, groups, dtype):
 def _conv_gram_shift_fake(x, kernel_size, padding, dilation, groups, dtype):
     g, d = _gram_shape(x, kernel_size, groups)
     return x.new_empty((g, d, d), dtype=dtype)
+
+
+@torch.library.register_fake("sap_fast::conv_gram_dmma_twin")
+def _conv_gram_dmma_twin_fake(x, kernel_size, stride, padding, dilation, groups, sm_count):
+    g, d = _gram_shape(x, kernel_size, groups)
+    return x.new_empty((g, d, d), dtype=torch.float64)
 
 
 @torch.library.register_fake("sap_fast::eigh")

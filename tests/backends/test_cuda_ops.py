@@ -1,6 +1,10 @@
 """The CUDA kernels (csrc/cuda/) against float64 oracles: ``conv_gram`` against a Gram of patches
 materialised with ``Tensor.unfold``, ``eigh`` against ``torch.linalg.eigh`` in float64 on the CPU.
 
+The float64 Grams run on the FP64 tensor cores from sm_80 on; one test runs them beside the FMA
+tiles and the tensor-core tiles' CPU twin (tests/backends/test_dmma_twin.py holds the twin to the
+oracle on every machine).
+
 The GPU tests skip, saying why, where there is no CUDA device or the extension was built without
 its CUDA kernels; they are meant for the GPU machine. Only the oracle's own check runs everywhere.
 
@@ -136,6 +140,28 @@ def test_conv_gram_matches_unfold_oracle(name, dtypes):
     assert got.device == x.device and got.dtype == acc_dtype and got.shape == expected.shape
     assert _max_rel(got, expected) <= tol
     assert torch.equal(got, got.mT), "the Gram must be exactly symmetric (mirrored upper triangle)"
+
+
+@requires_cuda_ops
+@pytest.mark.parametrize("name", ["2d-odd-three-tiles", "2d-many-rows-split-k", "2d-grouped-wide", "3d-dil-pad"])
+def test_conv_gram_tensor_core_tiles_match_the_fma_tiles_and_their_cpu_twin(name, monkeypatch):
+    """float64 Grams on sm_80+ take the FP64 tensor cores (conv_gram_dmma_kernel); the FMA tiles
+    (SAP_FAST_GRAM_DMMA=0) and the CPU twin of the tensor-core tiles give the same Gram to the
+    atomics' reordering. Below sm_80 both runs take the FMA tiles."""
+    x, args = _gram_input(name, torch.float32, seed=11)
+    monkeypatch.setenv("SAP_FAST_GRAM_DMMA", "auto")
+    dmma = _conv_gram(x, args, torch.float64)
+    monkeypatch.setenv("SAP_FAST_GRAM_DMMA", "0")
+    fma = _conv_gram(x, args, torch.float64)
+    sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
+    twin = torch.ops.sap_fast.conv_gram_dmma_twin(x.cpu(), *args, sm_count)
+    expected = unfold_gram(x, *args)
+    for got in (dmma, fma):
+        assert _max_rel(got, expected) <= F64_TOL and torch.equal(got, got.mT)
+    assert _max_rel(dmma, twin) <= 1e-14 and _max_rel(dmma, fma) <= 1e-14
+    monkeypatch.setenv("SAP_FAST_GRAM_DMMA", "sometimes")
+    with pytest.raises(RuntimeError, match="SAP_FAST_GRAM_DMMA='sometimes': use auto, 0 or 1"):
+        _conv_gram(x, args, torch.float64)
 
 
 @requires_cuda_ops

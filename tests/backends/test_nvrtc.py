@@ -224,7 +224,7 @@ def test_a_built_wheel_ships_the_sources_and_finds_them_installed(tmp_path):
         assert copy.read() == original.read()
 
 
-def test_the_instantiations_are_the_bindings_four_pairs_and_two_mirrors():
+def test_the_instantiations_are_the_bindings_four_pairs_two_tensor_core_tiles_and_two_mirrors():
     names = nvrtc.KERNEL_SOURCES["conv_gram_kernels.cuh"]
     ns = "sap_fast::cuda::"
     assert names == (
@@ -232,6 +232,8 @@ def test_the_instantiations_are_the_bindings_four_pairs_and_two_mirrors():
         f"{ns}conv_gram_tile_kernel<float, double, {ns}DefaultGramTiling>",
         f"{ns}conv_gram_tile_kernel<double, float, {ns}DefaultGramTiling>",
         f"{ns}conv_gram_tile_kernel<double, double, {ns}DefaultGramTiling>",
+        f"{ns}conv_gram_dmma_kernel<float, {ns}DefaultGramTiling>",
+        f"{ns}conv_gram_dmma_kernel<double, {ns}DefaultGramTiling>",
         f"{ns}mirror_upper_to_lower_kernel<float>",
         f"{ns}mirror_upper_to_lower_kernel<double>")
     # every pair csrc/cuda/conv_gram.cu launches, and nothing else
@@ -239,6 +241,28 @@ def test_the_instantiations_are_the_bindings_four_pairs_and_two_mirrors():
     pairs = set(re.findall(r"launch<(float|double), (float|double)>\(", binding))
     ctype = {"float": F32, "double": F64}
     assert {nvrtc.tile_kernel_name(ctype[a], ctype[b]) for a, b in pairs} == set(names[:4])
+    # the tensor-core tiles for each input of a float64 Gram, launched from the same function
+    assert {nvrtc.dmma_kernel_name(ctype[a]) for a, b in pairs if b == "double"} == set(names[4:6])
+    assert "launch_conv_gram_dmma_tiles<scalar_t>(" in binding
+
+
+def test_float64_grams_take_the_tensor_core_tiles_from_sm_80_unless_switched_off(monkeypatch):
+    monkeypatch.delenv("SAP_FAST_GRAM_DMMA", raising=False)
+    assert nvrtc.uses_dmma(F64, 8) and nvrtc.uses_dmma(F64, 9) and nvrtc.uses_dmma(F64, 10)
+    assert not nvrtc.uses_dmma(F64, 7) and not nvrtc.uses_dmma(F32, 9)
+    for value in ("0", "off", "OFF"):
+        monkeypatch.setenv("SAP_FAST_GRAM_DMMA", value)
+        assert not nvrtc.uses_dmma(F64, 9)
+    for value in ("", "auto", "1", "on"):
+        monkeypatch.setenv("SAP_FAST_GRAM_DMMA", value)
+        assert nvrtc.uses_dmma(F64, 9)
+    monkeypatch.setenv("SAP_FAST_GRAM_DMMA", "yes")
+    with pytest.raises(ValueError, match=r"^SAP_FAST_GRAM_DMMA='yes': use auto, 0 or 1$"):
+        nvrtc.uses_dmma(F64, 9)
+    # the CMake-built op reads the same switch, with the same threshold
+    binding = open(os.path.join(ROOT, "csrc", "cuda", "conv_gram.cu")).read()
+    assert 'std::getenv("SAP_FAST_GRAM_DMMA")' in binding
+    assert f"return major >= {nvrtc.DMMA_MIN_MAJOR} && dmma_allowed();" in binding
 
 
 def test_the_python_copies_of_the_struct_and_tiling_match_the_source():
@@ -309,7 +333,7 @@ def test_nvrtc_compiles_every_kernel_source_with_its_instantiations(arch):
     for name, expressions in nvrtc.KERNEL_SOURCES.items():
         lowered = nvrtc.compile_source(name, arch, [nvrtc.CHECKOUT_SOURCE_DIR])
         assert set(lowered) == set(expressions)
-        assert len(set(lowered.values())) == len(expressions)  # six distinct kernels
+        assert len(set(lowered.values())) == len(expressions)  # eight distinct kernels
         for expression, mangled in lowered.items():
             assert ("conv_gram_tile_kernel" in mangled) == ("conv_gram_tile_kernel" in expression)
 
@@ -436,7 +460,13 @@ class StandIns:
         return {name: [next(values) for _ in range(n)] if n > 1 else next(values)
                 for name, n in self.C_FIELDS}
 
-    def conv_gram_tile_kernel(self, types, grid, block, args):
+    def conv_gram_dmma_kernel(self, types, grid, block, args):
+        """The tensor-core tiles: the same contract, float64 Gram (the arithmetic is the CPU twin's
+        to test, tests/backends/test_dmma_twin.py)."""
+        assert args[1].dtype == F64
+        self.conv_gram_tile_kernel([types[0], "double", types[1]], grid, block, args, kind="dmma")
+
+    def conv_gram_tile_kernel(self, types, grid, block, args, kind="tile"):
         x, gram, packed, per_split = args
         ctype = {"float": F32, "double": F64}
         assert (ctype[types[0]], ctype[types[1]]) == (x.dtype, gram.dtype)
@@ -457,7 +487,7 @@ class StandIns:
             i = torch.arange(a * tile, a * tile + part.shape[0])[:, None]
             j = torch.arange(b * tile, b * tile + part.shape[1])[None, :]
             gram[group, a * tile:(a + 1) * tile, b * tile:(b + 1) * tile] += part * (i <= j)  # upper only
-        self.launches.append(("tile", grid, per_split))
+        self.launches.append((kind, grid, per_split))
 
     def mirror_upper_to_lower_kernel(self, types, grid, block, args):
         gram, width, matrices = args
@@ -480,13 +510,16 @@ def unfold_gram_rows(x, s) -> torch.Tensor:
     return x.permute(0, 3, 4, 5, 1, 2, 6, 7, 8).reshape(s["rows"], s["groups"], s["width"])
 
 
-def stand_in_conv_gram(x, kernel_size, stride, padding, dilation, groups, dtype, sm_count=2, stand_ins=None):
-    """:func:`nvrtc.conv_gram` on the CPU: its checks, allocation and launch, the kernels stood in."""
+def stand_in_conv_gram(x, kernel_size, stride, padding, dilation, groups, dtype, sm_count=2, stand_ins=None,
+                       capability_major=9):
+    """:func:`nvrtc.conv_gram` on the CPU: its checks, allocation and launch, the kernels stood in,
+    on a device of that compute capability."""
     shape = nvrtc.conv_gram_shape(x, kernel_size, stride, padding, dilation, groups, dtype)
     gram = torch.zeros((shape.groups, shape.width, shape.width), dtype=dtype)
     if shape.rows and shape.width:
         stand_ins = stand_ins or StandIns()
-        nvrtc.launch(stand_ins, stand_ins, x.contiguous(), gram, shape, sm_count, contextlib.nullcontext())
+        nvrtc.launch(stand_ins, stand_ins, x.contiguous(), gram, shape, sm_count, contextlib.nullcontext(),
+                     dmma=nvrtc.uses_dmma(dtype, capability_major))
     return gram
 
 
@@ -511,11 +544,32 @@ def test_the_launch_path_computes_the_gram(name, dtypes):
     args = (list(kernel), list(stride), list(padding), list(dilation), groups)
     stand_ins = StandIns()
     got = stand_in_conv_gram(x, *args, dtypes[1], sm_count=132, stand_ins=stand_ins)
-    assert [step[0] for step in stand_ins.launches] == ["tile", "mirror"]
+    # an sm_90 device: float64 Grams on the tensor-core tiles
+    assert [step[0] for step in stand_ins.launches] == ["dmma" if dtypes[1] == F64 else "tile", "mirror"]
     assert got.dtype == dtypes[1] and torch.equal(got, got.mT)
     assert rel_err(got, unfold_gram(x, *args)) <= (1e-12 if dtypes[1] == F64 else 1e-5)
     if name == "2d-many-rows-split-k":
         assert stand_ins.launches[0][1][2] > 1  # several row ranges per tile (split-K)
+
+
+@pytest.mark.parametrize("capability_major, switch, kernel", [
+    (9, "auto", "dmma"), (8, "auto", "dmma"), (7, "auto", "tile"), (9, "0", "tile")])
+def test_the_launch_takes_the_tensor_core_tiles_for_float64_from_sm_80(capability_major, switch, kernel,
+                                                                       monkeypatch):
+    monkeypatch.setenv("SAP_FAST_GRAM_DMMA", switch)
+    x = torch.randn(2, 5, 6, 6, dtype=F64)
+    for dtype, expected in ((F64, kernel), (F32, "tile")):
+        stand_ins = StandIns()
+        got = stand_in_conv_gram(x, [3, 3], [1, 1], [1, 1], [1, 1], 1, dtype, stand_ins=stand_ins,
+                                 capability_major=capability_major)
+        assert [step[0] for step in stand_ins.launches] == [expected, "mirror"]
+        assert stand_ins.launches[0][1] == nvrtc.tile_grid(nvrtc.conv_gram_shape(x, [3, 3], [1, 1], [1, 1], [1, 1],
+                                                                                 1, dtype), stand_ins.launches[0][2])
+        assert rel_err(got, unfold_gram(x, [3, 3], [1, 1], [1, 1], [1, 1], 1)) <= 1e-5
+    shape = nvrtc.conv_gram_shape(x, [3, 3], [1, 1], [1, 1], [1, 1], 1, F32)
+    with pytest.raises(ValueError, match="float64 Grams only"):
+        nvrtc.launch(StandIns(), StandIns(), x.float(), torch.zeros(1, 45, 45), shape, 2, contextlib.nullcontext(),
+                     dmma=True)
 
 
 def test_an_empty_batch_or_no_channels_launches_nothing():
