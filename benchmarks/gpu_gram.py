@@ -67,7 +67,11 @@ MODES = {
 }
 # the same modes with the Triton conv kernel instead of the CUDA one (SAP_FAST_GRAM_KERNEL)
 KERNELS = {"fp64-triton": ("fp64", "triton"), "fp32-triton": ("fp32", "triton"),
-           "fp64-shift": ("fp64", "shift"), "fp32-shift": ("fp32", "shift")}
+           "fp64-shift": ("fp64", "shift"), "fp32-shift": ("fp32", "shift"),
+           "fp64-fma": ("fp64", "cuda")}
+# fp64-fma: the CUDA kernel's FMA tiles on a GPU that has FP64 tensor cores (SAP_FAST_GRAM_DMMA=0),
+# against which "fp64" (its DMMA tiles there) is timed
+DMMA_SWITCH = {"fp64-fma": "0"}
 GEMM_DTYPES = {"fp64": (torch.float64, False), "fp32": (torch.float32, False),
                "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
 
@@ -75,6 +79,7 @@ GEMM_DTYPES = {"fp64": (torch.float64, False), "fp32": (torch.float32, False),
 def mode_settings(mode: str) -> tuple:
     """(collect_stats keyword arguments, SAP_FAST_GRAM_KERNEL value, GEMM precision)."""
     base, kernel = KERNELS.get(mode, (mode, "auto"))
+    os.environ["SAP_FAST_GRAM_DMMA"] = DMMA_SWITCH.get(mode, "auto")
     if base in ("tf32", "bf16"):  # only Triton serves them on a GPU; named, the interpreter does on CPU
         kernel = "triton"
     return MODES[base], kernel, base
@@ -319,7 +324,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,vit_b_16")
-    parser.add_argument("--modes", default="fp64,fp32,tf32,bf16,fp64-triton,fp32-triton,fp64-shift,fp32-shift")
+    parser.add_argument("--modes", default="fp64,fp32,tf32,bf16,fp64-fma,fp64-triton,fp32-triton,fp64-shift,fp32-shift")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)

@@ -101,7 +101,7 @@ phase() {
       fi ;;
     gram)
       timeout "$(left)" python3 benchmarks/gpu_gram.py --models "${MODELS:-resnet50}" \
-        --modes "${MODES:-$( ((DRY)) && echo fp64,fp32,tf32,bf16,fp64-triton,fp32-triton,fp64-shift,fp32-shift || echo fp64,fp32,tf32,bf16)}" \
+        --modes "${MODES:-$( ((DRY)) && echo fp64,fp32,tf32,bf16,fp64-fma,fp64-triton,fp32-triton,fp64-shift,fp32-shift || echo fp64,fp32,tf32,bf16,fp64-fma)}" \
         --official-seconds "${OFFICIAL_S:-60}" "${SMOKE[@]}" \
         --jsonl "$OUT/gram.jsonl" --out "$OUT/gram.json" >"$OUT/gram.log" 2>&1
       echo "gpu_gram.py: exit status $?"; tail -n 20 "$OUT/gram.log" ;;
