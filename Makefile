@@ -4,11 +4,13 @@
 # and:
 #   make test-fast   the suite without the tests marked slow
 #   make check-cuda  compile every CUDA source with nvcc, then through NVRTC (no GPU, no link)
+#   make check-cuda-build  the SAP_FAST_CUDA=ON build itself, configured, compiled and linked
+#                    against the GPU machines' torch and CUDA wheels (downloaded, not installed)
 #   make bench       the CPU benchmarks
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: tools setup setup-demo demo test test-fast check-cuda bench
+.PHONY: tools setup setup-demo demo test test-fast check-cuda check-cuda-build bench
 
 # torch first (the CPU wheel here; a GPU machine keeps its own), then the build tools; the package
 # is installed without build isolation so its extension compiles against that torch
@@ -38,6 +40,10 @@ test-fast: setup
 
 check-cuda:
 	PYTHON=$(PYTHON) bash tools/check_cuda.sh
+
+# needs pybind11, cmake and ninja (make tools) and about 1.3 GB of wheels in build/cuda-build
+check-cuda-build:
+	PYTHON=$(PYTHON) bash tools/check_cuda_build.sh
 
 bench: setup
 	$(PYTHON) benchmarks/bench_cpu.py
