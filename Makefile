@@ -5,6 +5,8 @@
 #   make test-fast   the suite without the tests marked slow
 #   make check-cuda  compile every CUDA source with nvcc, then through NVRTC, then read the Gram
 #                    kernels' sm_90 machine code: registers, spills, DMMA (no GPU, no link)
+#   make check-cuda-build  the SAP_FAST_CUDA=ON build itself, configured, compiled and linked
+#                    against the GPU machines' torch and CUDA wheels (downloaded, not installed)
 #   make check-triton  compile every Triton launch for sm_90 with the installed Triton and with
 #                      the GPU machine's (3.6.0); fails on a compile error or a spilling default
 #   make gpu-dry-run   every phase of benchmarks/gpu_suite.sh on the CPU at smoke size
@@ -12,7 +14,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: tools setup setup-demo demo test test-fast check-cuda check-triton gpu-dry-run bench
+.PHONY: tools setup setup-demo demo test test-fast check-cuda check-cuda-build check-triton gpu-dry-run bench
 
 # torch first (the CPU wheel here; a GPU machine keeps its own), then the build tools; the package
 # is installed without build isolation so its extension compiles against that torch
@@ -42,6 +44,10 @@ test-fast: setup
 
 check-cuda:
 	PYTHON=$(PYTHON) bash tools/check_cuda.sh
+
+# needs pybind11, cmake and ninja (make tools) and about 1.3 GB of wheels in build/cuda-build
+check-cuda-build:
+	PYTHON=$(PYTHON) bash tools/check_cuda_build.sh
 
 # the Triton of the GPU machine's torch (2.11.0+cu130 pins triton 3.6.0); installed beside the test
 # stack into build/triton-3.6.0, never over it

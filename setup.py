@@ -5,8 +5,10 @@ Install without build isolation, so the build compiles against the torch already
     pip install pybind11 ninja "setuptools>=64" wheel
     pip install --no-build-isolation -e ".[test]"
 
-The native module ``sap_fast._C`` is built by CMake (CMakeLists.txt is the only build
-description; this file only drives it). Environment:
+The native module ``sap_fast._C`` is built by CMake (CMakeLists.txt, with cmake/ for the CUDA
+libraries, is the only build description; this file only drives it). With CUDA, cuSOLVER and
+NVRTC come from the toolkit, else from the nvidia wheels beside a pip-installed torch
+(site-packages/nvidia/cu13); build_info() reports the architectures built. Environment:
     SAP_FAST_NATIVE=0        skip the native build (pure Python; every stage uses the torch path)
     SAP_FAST_CUDA=0|1        CUDA kernels off/on (default: on when torch has CUDA and nvcc exists)
     TORCH_CUDA_ARCH_LIST     e.g. "9.0" (Hopper); default: the visible GPU's, else 9.0
@@ -64,6 +66,46 @@ def _cmake_cuda_archs(names):
     return ";".join(archs)
 
 
+def cmake_configure(build_dir, out_dir, torch_cmake_prefix, cuda, nvcc=None, arch_names=(), debug=False):
+    """The CMake configure command of the native build and the environment changes it needs, as
+    ``(argv after cmake, {variable: value})``. Also used by tools/check_cuda_build.sh, which
+    configures against a CUDA torch that is not the one installed."""
+    import pybind11
+
+    args = [
+        "-S", ROOT, "-B", build_dir, "-G", "Ninja",
+        f"-DCMAKE_BUILD_TYPE={'Debug' if debug else 'Release'}",
+        f"-DCMAKE_PREFIX_PATH={torch_cmake_prefix}",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-DSAP_FAST_OUTPUT_DIR={out_dir}",
+        f"-DSAP_FAST_CUDA={'ON' if cuda else 'OFF'}",
+    ]
+    env = {}
+    if cuda:
+        args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={_cmake_cuda_archs(arch_names)}"]
+        # torch's CMake config adds the -gencode flags from this variable (and turns
+        # CMAKE_CUDA_ARCHITECTURES off); without it it guesses, and may pick architectures this
+        # nvcc no longer compiles. CMakeLists.txt reports what was built in build_info().
+        env["TORCH_CUDA_ARCH_LIST"] = ";".join(arch_names)
+    return args, env
+
+
+def run_cmake_configure(cmake, args, env):
+    """Runs the configure, its output shown as it comes; a failure ends with CMake's own
+    one-line reason when CMakeLists.txt gave one (a line starting "sap_fast:")."""
+    process = subprocess.Popen([cmake, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, errors="replace")
+    reasons = []
+    for line in process.stdout:
+        sys.stdout.write(line)
+        if line.startswith("sap_fast:"):
+            reasons.append(line.strip())
+    if process.wait() != 0:
+        raise SystemExit(reasons[0] if reasons else
+                         f"sap_fast: the CMake configure failed (exit {process.returncode}); its error is above")
+
+
 class CMakeBuild(build_ext):
     """build_ext that configures and builds CMakeLists.txt with ninja into the extension's path."""
 
@@ -76,7 +118,7 @@ class CMakeBuild(build_ext):
 
     def build_cmake(self, ext):
         try:
-            import pybind11
+            import pybind11  # noqa: F401  (cmake_configure reads its CMake dir)
             import torch
         except ImportError as err:
             raise SystemExit(f"sap_fast: the native build needs torch and pybind11 installed first ({err}); "
@@ -96,25 +138,11 @@ class CMakeBuild(build_ext):
 
         out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
         build_dir = os.path.join(ROOT, "build", "native-" + ("cuda" if cuda else "cpu"))
-        debug = _flag("SAP_FAST_DEBUG")
-        args = [
-            "-S", ROOT, "-B", build_dir, "-G", "Ninja",
-            f"-DCMAKE_BUILD_TYPE={'Debug' if debug else 'Release'}",
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DSAP_FAST_OUTPUT_DIR={out_dir}",
-            f"-DSAP_FAST_CUDA={'ON' if cuda else 'OFF'}",
-        ]
-        env = dict(os.environ)
-        if cuda:
-            names = _cuda_arch_names(torch)
-            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={_cmake_cuda_archs(names)}"]
-            # torch's CMake config adds -gencode flags of its own from this variable; without it
-            # it guesses, and may pick architectures this nvcc no longer compiles
-            env["TORCH_CUDA_ARCH_LIST"] = ";".join(names)
+        args, changes = cmake_configure(build_dir, out_dir, torch.utils.cmake_prefix_path, cuda, nvcc,
+                                        _cuda_arch_names(torch) if cuda else (), bool(_flag("SAP_FAST_DEBUG")))
+        env = {**os.environ, **changes}
         print(f"sap_fast: native build ({'CPU + CUDA' if cuda else 'CPU only'}) in {build_dir}")
-        subprocess.run([cmake, *args], check=True, env=env)
+        run_cmake_configure(cmake, args, env)
         build = [cmake, "--build", build_dir]
         if os.environ.get("MAX_JOBS"):
             build += ["--parallel", os.environ["MAX_JOBS"]]
@@ -154,9 +182,10 @@ class BuildPyWithKernelSources(build_py):
         return super().get_outputs(include_bytecode) + self._kernel_targets()
 
 
-setup(
-    # metadata, dependencies and extras: pyproject.toml; this only adds the native module and
-    # the kernel sources the cupy backend compiles
-    ext_modules=[Extension("sap_fast._C", sources=[])],  # built by CMakeBuild
-    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithKernelSources},
-)
+if __name__ == "__main__":  # as pip's build backend and `python setup.py` run it; not on import
+    setup(
+        # metadata, dependencies and extras: pyproject.toml; this only adds the native module and
+        # the kernel sources the cupy backend compiles
+        ext_modules=[Extension("sap_fast._C", sources=[])],  # built by CMakeBuild
+        cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithKernelSources},
+    )
