@@ -18,6 +18,8 @@ from sap_fast.cli import main  # noqa: E402
 from sap_fast.cli.data import Preprocess, loader, open_data  # noqa: E402
 from sap_fast.experiments.clothing1m import write_tree  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("clothing1m-tree")  # one worker trains the tree's model, once
+
 NET = '''
 import torch
 from torch import nn
