@@ -6,7 +6,9 @@ corrected weights, ``trusted.pt`` (the scores and the chosen samples), ``report.
 ``report.png``.
 
 Every pass streams its data through a DataLoader (``--workers`` decode images in worker
-processes), so memory does not grow with the number of images. Scoring, the longest pass at
+processes), so memory does not grow with the number of training images; the validation and test
+images, read once per α, are decoded by their first pass only and kept as uint8 pixels, in memory
+or in a memory-mapped file (:mod:`.decoded`). Scoring, the longest pass at
 Clothing1M scale, is checkpointed every ``--checkpoint-every`` samples under ``--out``:
 ``--resume`` continues an interrupted run to the same result. Nothing else is written until the
 end: a run that fails leaves no new file or folder behind (only the scoring checkpoint, once
@@ -36,7 +38,7 @@ from .._runtime.evaluate import classifier_logits
 from .._runtime.forward import SampleBar
 from ..select import candidate_ids
 from ..stats import Stats
-from . import report
+from . import decoded, report
 from .data import Preprocess, TensorFile, check_first, loader, open_data
 from .load import LoadError, load_model, save_weights
 
@@ -113,6 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"save the scores under --out every N samples, in whole batches (default {CHECKPOINT_EVERY})")
     run.add_argument("--resume", action="store_true",
                      help="continue the interrupted scoring saved under --out")
+    decoded.add_arguments(run)
 
 
 # ---- arguments ----------------------------------------------------------------------------------
@@ -165,6 +168,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--resume continues an interrupted scoring pass, which --stats-in skips; drop one")
     _alphas(args.alphas)
     Preprocess.from_args(args)  # conflicting or incomplete image options
+    decoded.EvalCache.from_args(args)
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -458,8 +462,11 @@ def run(args: argparse.Namespace) -> int:
         how = f"lowest {args.score}" + ("" if args.candidates is None else f" of {positions.numel()} random candidates")
         trusted_note = f"{n} trusted samples ({how}, class-balanced)"
 
-    val_batches = None if val is None else loader(val, batch_size=args.batch_size, workers=args.workers,
-                                                  device=device)
+    # the validation and test images are decoded once, by the first pass over each (outputs are
+    # staged beside --out, and so is a cache too large for memory)
+    eval_cache = decoded.EvalCache.from_args(args, folder=os.path.dirname(out.folder))
+    val_batches = None if val is None else eval_cache.loader(val, what="--val", batch_size=args.batch_size,
+                                                             workers=args.workers, device=device)
     t = time.perf_counter()
     if args.alpha is not None:  # one projector: its decomposition also serves the report
         projector = sap_fast.Projector(model, stats, solver=args.solver or "cholesky")
@@ -487,7 +494,8 @@ def run(args: argparse.Namespace) -> int:
     test_accuracy = {}
     if test is not None:  # every α of the run, for the report's curve (never used to choose α)
         t = time.perf_counter()
-        test_batches = loader(test, batch_size=args.batch_size, workers=args.workers, device=device)
+        test_batches = eval_cache.loader(test, what="--test", batch_size=args.batch_size, workers=args.workers,
+                                         device=device)
         work = copy.deepcopy(model)
         for a in alphas:
             projector.apply(work, a)
@@ -511,7 +519,7 @@ def run(args: argparse.Namespace) -> int:
                "test": args.test, "classes": classes, "trusted": trusted_note, "alpha": alpha,
                "val_before": val_before, "val_after": val_after,
                "test_before": test_accuracy.get(None), "test_after": test_accuracy.get(alpha),
-               "weights_out": weights_path, "seconds": times, "samples": counts,
+               "weights_out": weights_path, "seconds": times, "samples": counts, "eval_cache": eval_cache.summary(),
                "images_per_second": {k: counts[k] / _seconds(times[k]) for k in counts if times.get(k)}}
     written = {}
 
