@@ -13,6 +13,8 @@
 #   make bench       the CPU benchmarks
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+# pytest-xdist: one worker process per core; tests marked with one xdist_group run on one worker
+PYTEST := $(PYTHON) -m pytest -q -n auto --dist loadgroup
 
 .PHONY: tools setup setup-demo demo test test-fast check-cuda check-cuda-build check-triton gpu-dry-run bench
 
@@ -37,10 +39,10 @@ demo: setup-demo
 
 # SAP_FAST_REQUIRE_NATIVE: a missing extension fails the native tests instead of skipping them
 test: setup
-	SAP_FAST_REQUIRE_NATIVE=1 $(PYTHON) -m pytest -q tests
+	SAP_FAST_REQUIRE_NATIVE=1 $(PYTEST) tests
 
 test-fast: setup
-	SAP_FAST_REQUIRE_NATIVE=1 $(PYTHON) -m pytest -q -m "not slow" tests
+	SAP_FAST_REQUIRE_NATIVE=1 $(PYTEST) -m "not slow" tests
 
 check-cuda:
 	PYTHON=$(PYTHON) bash tools/check_cuda.sh

@@ -9,12 +9,19 @@ memorising MLP) and ``dist_support.py`` (spawned gloo ranks).
 
 Markers: ``slow`` marks the tests that take several seconds each (fresh processes, the 100-epoch
 digits model, the benchmark scripts); ``python -m pytest -m "not slow" tests`` leaves them out.
-``prestart`` marks a slow test whose command runs in a fresh process started at the beginning of
-the run, beside the other tests (tests/prestart.py).
+
+The suite runs in parallel under pytest-xdist (``make test``: ``-n auto --dist loadgroup``, one
+worker process per core). Tests that share an expensive result that is not a fixture carry the
+same ``xdist_group`` mark, so one worker runs them one after another: ``digits-models`` for the
+trained digits models of the run's cache (the first such test trains a model, the others read
+it), ``clothing1m-tree`` for the trained model of tests/cli/test_correct_at_scale.py, and
+``gloo-2-ranks``/``gloo-3-ranks`` for the spawned ranks of tests/core/test_distributed.py (one
+spawn per world size). The tests marked slow are handed out first, so that the long ones start at
+once and the short ones fill in around them. The suite also runs as it is without pytest-xdist.
 
 Trained digits models go to one fresh folder per test run (``SAP_FAST_CACHE``, set for every
-test and every process a test starts), so a model is trained at most once per run, whichever
-tests need it, and never read from or written to the user's own cache.
+test and every process a test starts, in every worker), so a model is trained at most once per
+run, whichever tests need it, and never read from or written to the user's own cache.
 """
 import os
 import shutil
@@ -31,9 +38,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # support.py and its siblings
-torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread; the background commands (tests/prestart.py) take the other core
-
-import prestart  # noqa: E402
+torch.set_num_threads(1)  # tiny tensors gain nothing from a second thread; the other cores run other workers
 
 
 _MODEL_CACHE = {}
@@ -41,31 +46,34 @@ _MODEL_CACHE = {}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes several seconds (deselect with -m \"not slow\")")
-    config.addinivalue_line("markers", "prestart(name): the test's command starts early, in the background "
-                                       "(tests/prestart.py)")
-    # the run's model cache, named before any test module is imported or any process started
-    _MODEL_CACHE.update(folder=tempfile.mkdtemp(prefix="sap_fast-model-cache-"),
-                        before=os.environ.get("SAP_FAST_CACHE"))
+    config.addinivalue_line("markers", "xdist_group(name): tests that run on one pytest-xdist worker, in turn")
+    # the run's model cache, named before any test module is imported or any process started; a
+    # worker uses the folder of the run that started it, which removes it at the end
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "sap_fast_model_cache" in workerinput:
+        _MODEL_CACHE.update(folder=workerinput["sap_fast_model_cache"], owner=False)
+    else:
+        _MODEL_CACHE.update(folder=tempfile.mkdtemp(prefix="sap_fast-model-cache-"), owner=True)
+    _MODEL_CACHE["before"] = os.environ.get("SAP_FAST_CACHE")
     os.environ["SAP_FAST_CACHE"] = _MODEL_CACHE["folder"]
 
 
-@pytest.hookimpl(trylast=True)  # after -m/-k have deselected what will not run
 def pytest_collection_modifyitems(config, items):
-    """Start the commands of the selected tests marked ``prestart`` (in their order), unless the
-    run only lists the tests."""
-    if config.option.collectonly:
-        return
-    names = []
-    for item in items:
-        for mark in item.iter_markers("prestart"):
-            names += [n for n in mark.args if n not in names]
-    prestart.start(names)
+    """The tests marked slow first, each set in its own order: under pytest-xdist the long ones
+    start at once, and the many short ones fill the workers around them, instead of one long
+    test ending the run on one worker while the others wait."""
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: each worker is told the run's model cache
+def pytest_configure_node(node):
+    node.workerinput["sap_fast_model_cache"] = _MODEL_CACHE["folder"]
 
 
 def pytest_unconfigure(config):
-    prestart.stop_all()
     if _MODEL_CACHE:
-        shutil.rmtree(_MODEL_CACHE["folder"], ignore_errors=True)
+        if _MODEL_CACHE["owner"]:
+            shutil.rmtree(_MODEL_CACHE["folder"], ignore_errors=True)
         if _MODEL_CACHE["before"] is None:
             os.environ.pop("SAP_FAST_CACHE", None)
         else:
@@ -76,8 +84,8 @@ def pytest_unconfigure(config):
 def model_cache():
     """The trained-model cache of this test run: one folder, empty when the run starts, that
     ``SAP_FAST_CACHE`` names for every test and every process a test starts
-    (``sap_fast.experiments.digits.default_cache_dir`` reads it). It is made and named in
-    pytest_configure, so that the processes started before the first test see it too."""
+    (``sap_fast.experiments.digits.default_cache_dir`` reads it), in every worker. It is made
+    and named in pytest_configure, before any test module is imported."""
     folder = _MODEL_CACHE["folder"]
     assert os.environ.get("SAP_FAST_CACHE") == folder
     return folder

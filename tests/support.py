@@ -142,3 +142,33 @@ def unfold_gram(x, kernel_size, stride, padding, dilation, groups) -> torch.Tens
     rows_first = [0, *range(3, 3 + spatial), 1, 2, *range(3 + spatial, 3 + 2 * spatial)]
     r = x.permute(rows_first).reshape(-1, groups, c // groups * math.prod(kernel_size))
     return torch.einsum("rgi,rgj->gij", r, r)
+
+
+def run_command(argv, out, env=None, timeout: float = 600):
+    """``argv`` in a fresh process whose working folder is ``out`` (``{out}`` in an argument is
+    replaced by it), with this checkout's ``sap_fast`` first on its ``PYTHONPATH`` and ``env``
+    added to the environment. Returns the ``subprocess.CompletedProcess``, its ``out`` set to
+    the folder. A command still running after ``timeout`` seconds is killed with every process
+    it started (its own process group), and what it wrote is kept."""
+    import signal
+    import subprocess
+
+    out = str(out)
+    argv = [a.replace("{out}", out) for a in argv]
+    path = [REPO_ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    full_env.update(env or {})
+    process = subprocess.Popen(argv, cwd=out, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (AttributeError, ProcessLookupError, PermissionError):
+            process.kill()
+        stdout, stderr = process.communicate()
+        stderr += f"\n[killed after {timeout:.0f} s]"
+    run = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+    run.out = out
+    return run

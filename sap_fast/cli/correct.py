@@ -6,7 +6,9 @@ corrected weights, ``trusted.pt`` (the scores and the chosen samples), ``report.
 ``report.png``.
 
 Every pass streams its data through a DataLoader (``--workers`` decode images in worker
-processes), so memory does not grow with the number of images. Scoring, the longest pass at
+processes), so memory does not grow with the number of training images; the validation and test
+images, read once per α, are decoded by their first pass only and kept as uint8 pixels, in memory
+or in a memory-mapped file (:mod:`.decoded`). Scoring, the longest pass at
 Clothing1M scale, is checkpointed every ``--checkpoint-every`` samples under ``--out``:
 ``--resume`` continues an interrupted run to the same result. Nothing else is written until the
 end: a run that fails leaves no new file or folder behind (only the scoring checkpoint, once
@@ -43,7 +45,7 @@ from .._runtime.forward import SampleBar
 from ..accumulate import first_non_finite
 from ..select import candidate_ids
 from ..stats import Stats
-from . import report
+from . import decoded, report
 from .data import Preprocess, TensorFile, check_first, data_path, loader, open_data
 from .load import LoadError, load_model, model_path, save_weights
 from .outputs import PARTIAL, Outputs
@@ -128,6 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", action="store_true",
                      help="continue the interrupted scoring saved under --out")
     parser.epilog = OUTPUT_RULES
+    decoded.add_arguments(run)
 
 
 # ---- arguments ----------------------------------------------------------------------------------
@@ -201,6 +204,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--alpha must be > 0, got {args.alpha}")
     _alphas(args.alphas)
     Preprocess.from_args(args)  # conflicting or incomplete image options
+    decoded.EvalCache.from_args(args)
 
 
 def _devices_here() -> str:
@@ -596,12 +600,13 @@ def _statistics(model, data: Data, picked: Selection, args, device, clock: Clock
                           workers=args.workers, device=device), device=device)
 
 
-def _choose(model, stats: Stats, data: Data, args, device, clock: Clock) -> Choice:
+def _choose(model, stats: Stats, data: Data, args, device, clock: Clock, eval_cache) -> Choice:
     """Stage 6, α: the sweep on the validation split, or the fixed --alpha (validation then
-    only reported)."""
+    only reported). ``eval_cache`` (decoded.EvalCache): the validation images are decoded once,
+    by the first pass over them."""
     val = data.val
-    val_batches = None if val is None else loader(val, batch_size=args.batch_size, workers=args.workers,
-                                                  device=device)
+    val_batches = None if val is None else eval_cache.loader(val, what="--val", batch_size=args.batch_size,
+                                                             workers=args.workers, device=device)
     started = time.perf_counter()
     with _naming_samples(data.val_flag, val):
         if args.alpha is not None:  # one projector: its decomposition also serves the report
@@ -628,13 +633,15 @@ def _choose(model, stats: Stats, data: Data, args, device, clock: Clock) -> Choi
     return choice
 
 
-def _test(model, choice: Choice, data: Data, args, device, clock: Clock) -> Dict[Optional[float], float]:
-    """Stage 7, the test curve: every α of the run on --test (never used to choose α)."""
+def _test(model, choice: Choice, data: Data, args, device, clock: Clock, eval_cache) -> Dict[Optional[float], float]:
+    """Stage 7, the test curve: every α of the run on --test (never used to choose α), its
+    images decoded once (``eval_cache``)."""
     accuracy: Dict[Optional[float], float] = {}
     if data.test is None:
         return accuracy
     with clock.stage("test", len(data.test) * len(choice.alphas)), _naming_samples("--test", data.test):
-        batches = loader(data.test, batch_size=args.batch_size, workers=args.workers, device=device)
+        batches = eval_cache.loader(data.test, what="--test", batch_size=args.batch_size, workers=args.workers,
+                                    device=device)
         work = copy.deepcopy(model)
         for a in choice.alphas:
             choice.projector.apply(work, a)
@@ -644,7 +651,7 @@ def _test(model, choice: Choice, data: Data, args, device, clock: Clock) -> Dict
 
 
 def _write(out: Outputs, args, fmt: str, picked: Selection, choice: Choice, data: Data,
-           test_accuracy, clock: Clock) -> Dict[str, Optional[str]]:
+           test_accuracy, clock: Clock, eval_cache) -> Dict[str, Optional[str]]:
     """Stage 8, the write: every output registered, then committed as one step (outputs.py)."""
     weights_path = out.add(f"corrected.{fmt}", lambda p: save_weights(choice.fixed, p, fmt))
     if picked.trusted is not None:
@@ -664,6 +671,7 @@ def _write(out: Outputs, args, fmt: str, picked: Selection, choice: Choice, data
                "val_before": choice.val_before, "val_after": choice.val_after,
                "test_before": test_accuracy.get(None), "test_after": test_accuracy.get(choice.alpha),
                "weights_out": weights_path, "seconds": times, "samples": counts,
+               "eval_cache": eval_cache.summary(),
                "images_per_second": {k: counts[k] / _seconds(times[k]) for k in counts if times.get(k)}}
     written: Dict[str, Optional[str]] = {}
 
@@ -710,8 +718,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         picked = _select(model, data, args, out, device, clock, preprocess)
         _statistics(model, data, picked, args, device, clock)
-    choice = _choose(model, picked.stats, data, args, device, clock)
-    test_accuracy = _test(model, choice, data, args, device, clock)
-    written = _write(out, args, fmt, picked, choice, data, test_accuracy, clock)
+    # the validation and test images are decoded once, by the first pass over each (a cache too
+    # large for memory goes beside --out, where the outputs are staged)
+    eval_cache = decoded.EvalCache.from_args(args, folder=out.parent)
+    choice = _choose(model, picked.stats, data, args, device, clock, eval_cache)
+    test_accuracy = _test(model, choice, data, args, device, clock, eval_cache)
+    written = _write(out, args, fmt, picked, choice, data, test_accuracy, clock, eval_cache)
     _say(args, out, picked, choice, data, test_accuracy, written)
     return 0

@@ -199,6 +199,39 @@ class Preprocess:
 
     def decode(self, file: str) -> torch.Tensor:
         """The tensor of ``file``; lets the reader's own exception through (callers name the file)."""
+        img = self._sized(file)
+        tf = _torchvision_functional()
+        if tf is not None:
+            t = tf.to_tensor(img)
+            return t if self.mean is None else tf.normalize(t, list(self.mean), list(self.std))
+        # numpy for the arithmetic: one thread, as a DataLoader worker has, also in the main
+        # process (torch would spread these small operations over its thread pool); float32
+        # throughout, so the numbers are torchvision's to_tensor and normalize
+        a = np.ascontiguousarray(self._array(img).transpose(2, 0, 1), dtype=np.float32)
+        a /= np.float32(255)
+        if self.mean is not None:
+            a -= np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
+            a /= np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
+        return torch.from_numpy(a)
+
+    def pixels(self, file: str) -> torch.Tensor:
+        """The uint8 ``(C, H, W)`` pixels of ``file`` after resizing and cropping, before scaling:
+        :meth:`scale` of them is :meth:`decode`, bit for bit. Lets the reader's exception through."""
+        a = self._array(self._sized(file)).transpose(2, 0, 1)
+        return torch.from_numpy(np.array(a, dtype=np.uint8, order="C"))  # a copy of its own, writable
+
+    def scale(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels ``(..., C, H, W)`` (a batch of :meth:`pixels`) → float32 in [0, 1], then
+        normalised: the operations of :meth:`decode`, one correctly rounded float32 operation per
+        element each, so the values are the same bit for bit."""
+        x = pixels.to(torch.float32).div_(255)
+        if self.mean is not None:
+            x.sub_(torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1))
+            x.div_(torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1))
+        return x
+
+    def _sized(self, file: str):
+        """The PIL image of ``file`` in the mode of ``channels``, resized and cropped."""
         from PIL import Image
 
         tf = _torchvision_functional()
@@ -212,8 +245,7 @@ class Preprocess:
                 img = tf.resize(img, self.shorter, interpolation=bilinear)
                 if self.crop is not None:
                     img = tf.center_crop(img, list(self.crop))
-            t = tf.to_tensor(img)
-            return t if self.mean is None else tf.normalize(t, list(self.mean), list(self.std))
+            return img
         if self.size is not None:
             target = (self.size[1], self.size[0])
             if img.size != target:
@@ -224,16 +256,11 @@ class Preprocess:
                 img = img.resize(target, Image.BILINEAR)
             if self.crop is not None:
                 img = img.crop(centre_box(img.size[0], img.size[1], *self.crop))
-        # numpy for the arithmetic: one thread, as a DataLoader worker has, also in the main
-        # process (torch would spread these small operations over its thread pool); float32
-        # throughout, so the numbers are torchvision's to_tensor and normalize
-        a = np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], self.channels)
-        a = np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32)
-        a /= np.float32(255)
-        if self.mean is not None:
-            a -= np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
-            a /= np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
-        return torch.from_numpy(a)
+        return img
+
+    def _array(self, img) -> np.ndarray:
+        """The ``(H, W, C)`` uint8 array of a PIL image (as torchvision's to_tensor reads it)."""
+        return np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], self.channels)
 
 
 # ---- many paths in little memory ------------------------------------------------------------------
@@ -308,14 +335,21 @@ class _Images(Dataset):
 
     def __getitem__(self, i):
         i = int(i)
+        return self._read(i, self.preprocess.decode), int(self.targets[i])
+
+    def pixels(self, i: int) -> torch.Tensor:
+        """Sample ``i``'s uint8 pixels (:meth:`Preprocess.pixels`); ``preprocess.scale`` of them is
+        ``self[i][0]``."""
+        return self._read(int(i), self.preprocess.pixels)
+
+    def _read(self, i: int, how):
         try:
-            x = self.preprocess.decode(self.files[i])
+            return how(self.files[i])
         except FileNotFoundError:
             raise LoadError(f"{self.where(i)}: no such file") from None
         except Exception as err:
             raise LoadError(f"{self.where(i)}: unreadable image ({type(err).__name__}: "
                             f"{first_line(err)})") from None
-        return x, int(self.targets[i])
 
 
 def _map_classes(found: List[str], classes: Optional[Sequence[str]], where: str) -> Tuple[List[str], List[int]]:

@@ -18,8 +18,8 @@ pytest.importorskip("safetensors")
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-import prestart  # noqa: E402
 from sap_fast.cli import main  # noqa: E402
+from support import run_command  # noqa: E402
 
 CLASSES = ("cat", "dog", "fox")
 FACTORY = '''
@@ -207,6 +207,7 @@ def test_errors_reach_the_shell_as_an_exit_status(workspace):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("digits-models")
 def test_demo_command_writes_its_table_and_report(tmp_path, capsys, monkeypatch, model_cache, keep_threads):
     """The demo keeps its model in the default cache ($SAP_FAST_CACHE: this run's folder, shared
     with the compare command's test, which needs the same model); a second run trains nothing and
@@ -236,15 +237,13 @@ def test_demo_command_writes_its_table_and_report(tmp_path, capsys, monkeypatch,
     assert again.split("| 0 |")[1].split("|")[:4] == first.split("| 0 |")[1].split("|")[:4]  # ... and reloads
 
 
-BENCH = prestart.command("sap-fast-bench", [sys.executable, "-m", "sap_fast", "bench", "--tiny", "--out-dir", "{out}",
-                                            "--quiet"])
+BENCH = [sys.executable, "-m", "sap_fast", "bench", "--tiny", "--out-dir", "{out}", "--quiet"]
 
 
 @pytest.mark.slow
-@pytest.mark.prestart("sap-fast-bench")
-def test_bench_command_runs_the_suite_that_fits():
-    """Ten fresh processes, one per kernel and dtype (started early: tests/prestart.py)."""
-    run = BENCH.result()
+def test_bench_command_runs_the_suite_that_fits(tmp_path):
+    """Ten fresh processes, one per kernel and dtype."""
+    run = run_command(BENCH, tmp_path)
     assert run.returncode == 0, run.stderr
     with open(os.path.join(run.out, "cpu-native.json"), encoding="utf-8") as f:
         rows = json.load(f)["rows"]

@@ -18,6 +18,8 @@ from sap_fast.cli import main  # noqa: E402
 from sap_fast.cli.data import Preprocess, loader, open_data  # noqa: E402
 from sap_fast.experiments.clothing1m import write_tree  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("clothing1m-tree")  # one worker trains the tree's model, once
+
 NET = '''
 import torch
 from torch import nn
@@ -323,6 +325,38 @@ def test_worker_processes_give_the_same_result(run, tree):
         outs.append(out)
     a, b = _state(outs[0]), _state(outs[1])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_sweep_from_decoded_splits_equals_the_sweep_that_decodes_every_pass(run, tree):
+    """--eval-cache (memory, a mapped file, the default) against off: the same validation table,
+    test curve, α and weights, bit for bit; no cache file is left beside --out."""
+    reports, states = {}, {}
+    before = sorted(os.listdir(tree))
+    for mode in ("off", "memory", "disk", "auto"):
+        out = tree / f"out-cache-{mode}"
+        args = ["--test", "clothing1m:data:clean_test", "--trusted", "56", "--alphas", "1e2,1e3,1e4,1e5",
+                "--out", str(out)] + ([] if mode == "auto" else ["--eval-cache", mode])
+        code, _, err = run(*args)
+        assert code == 0, err
+        report = json.loads((out / "report.json").read_text())
+        reports[mode] = (report["sweep"], report["test_accuracy"], report["alpha"], report["extra"]["val_after"])
+        states[mode] = _state(out)
+        where = {"off": {}, "memory": "memory", "disk": "disk", "auto": "memory"}[mode]
+        cached = report["extra"]["eval_cache"]
+        if mode == "off":
+            assert cached == {}
+        else:
+            assert cached == {s: {"where": where, "bytes": 42 * 3 * SIZE * SIZE} for s in ("--val", "--test")}
+    assert sorted(os.listdir(tree)) == sorted(before + [f"out-cache-{m}" for m in reports])
+    for mode in ("memory", "disk", "auto"):
+        assert reports[mode] == reports["off"], mode
+        assert all(torch.equal(states[mode][k], states["off"][k]) for k in states["off"]), mode
+
+
+def test_eval_cache_options_are_checked_first(run, tree):
+    code, _, err = run("--eval-cache-gib", "-1", "--out", str(tree / "out-bad-cache"))
+    assert code == 2 and "--eval-cache-gib must be >= 0" in err and err.count("\n") == 1
+    assert not (tree / "out-bad-cache").exists()
 
 
 PEAK = r"""

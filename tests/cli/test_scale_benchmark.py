@@ -1,6 +1,6 @@
 """benchmarks/scale.py (``sap-fast correct`` end to end on Clothing1M-shaped trees, per stage) at
 smoke size: ``--quick`` with one tree of 300 images, run as a user runs it, in a fresh process
-(started early: tests/prestart.py) that writes into a temporary folder. The numbers mean nothing
+that writes into a temporary folder. The numbers mean nothing
 at this size; what is checked is that the script runs the command through, and that its JSON
 holds what the full run reports: the machine, the generation speed, and per run the stages'
 seconds and images per second, the wall time and the peak memory, all as numbers."""
@@ -11,17 +11,13 @@ import sys
 
 import pytest
 
-import prestart
-from support import REPO_ROOT
+from support import REPO_ROOT, run_command
 
 pytest.importorskip("PIL")
 
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "scale.py")
-SCALE = prestart.command(
-    "scale-benchmark",
-    [sys.executable, SCRIPT, "--quick", "--sizes", "300", "--trees", os.path.join("{out}", "trees"),
-     "--out", os.path.join("{out}", "scale.json"), "--heartbeat", "0"],
-    env={"OMP_NUM_THREADS": "1"}, timeout=300)
+SCALE = [sys.executable, SCRIPT, "--quick", "--sizes", "300", "--trees", os.path.join("{out}", "trees"),
+         "--out", os.path.join("{out}", "scale.json"), "--heartbeat", "0"]
 STAGES = ("scan", "scoring", "statistics", "decomposition", "alpha", "test")
 
 
@@ -30,9 +26,8 @@ def number(value) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.prestart("scale-benchmark")
-def test_quick_run_reports_every_stage_the_wall_time_and_peak_memory_as_numbers():
-    run = SCALE.result()
+def test_quick_run_reports_every_stage_the_wall_time_and_peak_memory_as_numbers(tmp_path):
+    run = run_command(SCALE, tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "run 1/1: sap-fast correct on 300 training images" in run.stdout  # progress as it goes
     with open(os.path.join(run.out, "scale.json"), encoding="utf-8") as f:

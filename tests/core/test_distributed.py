@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import dist_support as ds
-import prestart
 import sap_fast
-from support import REPO_ROOT
+from support import REPO_ROOT, run_command
 from sap_fast import distributed
 from sap_fast.select import _local_candidates, candidate_ids, lowest_per_class
 
@@ -48,8 +47,8 @@ def _run(world: int, tmp_path_factory) -> list:
     return _RUNS[world]
 
 
-@pytest.fixture(params=[pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)],
-                ids=["2-ranks", "3-ranks"])
+@pytest.fixture(params=[pytest.param(n, marks=[pytest.mark.slow, pytest.mark.xdist_group(f"gloo-{n}-ranks")])
+                        for n in (2, 3)], ids=["2-ranks", "3-ranks"])  # one worker spawns each world once
 def ranks(request, tmp_path_factory):
     return _run(request.param, tmp_path_factory)
 
@@ -134,15 +133,14 @@ def test_bucketed_collectives(ranks):
         assert out["buckets"]["broadcast"] == 0.0
 
 
-TORCHRUN = prestart.command("torchrun-example", *ds.torchrun(
-    os.path.join(REPO_ROOT, "examples", "distributed_correct.py"),
-    ["--epochs", "3", "--trusted", "100", "--candidates", "600"]), timeout=180)
+TORCHRUN = ds.torchrun(os.path.join(REPO_ROOT, "examples", "distributed_correct.py"),
+                       ["--epochs", "3", "--trusted", "100", "--candidates", "600"])
 
 
 @pytest.mark.slow
-@pytest.mark.prestart("torchrun-example")
-def test_torchrun_example():
-    run = TORCHRUN.result()
+def test_torchrun_example(tmp_path):
+    argv, env = TORCHRUN
+    run = run_command(argv, tmp_path, env=env, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "identical corrected weights on all 2 ranks: True" in run.stdout, run.stdout
 

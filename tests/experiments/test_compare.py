@@ -107,6 +107,7 @@ def test_every_grid_point_is_a_valid_call():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("digits-models")
 def test_cli_compare_writes_table_json_and_plot(tmp_path, capsys, keep_threads):
     """On the models of the run's cache ($SAP_FAST_CACHE): the 3-epoch noisy model is the one the
     demo command's test trains."""

@@ -1,28 +1,28 @@
 """End to end on the embedded default: SAP must repair what label noise did (one seed).
 
 Training the default 100-epoch model takes ~15 s on one core: a fresh process trains it into the
-run's model cache, started early (tests/prestart.py), and the test's own run_seed reads it from
-there (the recipe runs on one thread, so the weights are the ones run_seed would train itself)."""
+run's model cache, and the test's own run_seed reads it from there (the recipe runs on one thread,
+so the weights are the ones run_seed would train itself)."""
 import sys
 
 import pytest
 
-import prestart
 from sap_fast.cli import main
 from sap_fast.experiments import digits
 from sap_fast.experiments.demo import run_seed
 from sap_fast.experiments.digits import default_cache_dir
+from support import run_command
 
 SEED, NOISE, RATE, EPOCHS = 0, "symmetric", 0.25, 100
-TRAIN = prestart.command("digits-noisy-model", [sys.executable, "-c", (
+TRAIN = [sys.executable, "-c", (
     "from sap_fast.experiments.digits import default_cache_dir, noisy_model; "
-    f"noisy_model({SEED}, {NOISE!r}, {RATE}, {EPOCHS}, default_cache_dir())")])
+    f"noisy_model({SEED}, {NOISE!r}, {RATE}, {EPOCHS}, default_cache_dir())")]
 
 
 @pytest.mark.slow
-@pytest.mark.prestart("digits-noisy-model")
-def test_sap_repairs_the_noisy_digits_model(monkeypatch):
-    trained = TRAIN.result()
+@pytest.mark.xdist_group("digits-models")
+def test_sap_repairs_the_noisy_digits_model(monkeypatch, tmp_path):
+    trained = run_command(TRAIN, tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     monkeypatch.setattr(digits, "train", lambda *a, **k: pytest.fail("run_seed trained instead of reading the cache"))
     r = run_seed(SEED, noise=RATE, trusted=300, alphas=None, kind=NOISE, epochs=EPOCHS, cache=default_cache_dir())

@@ -1,6 +1,6 @@
 """The GPU benchmark scripts, benchmarks/gpu_gram.py (floors, Wp errors, default choice) and
 benchmarks/gpu_e2e.py (stages, both solvers), run at smoke size on the CPU, each in a fresh
-process as on the GPU machine (started early: tests/prestart.py), so that a GPU run does not find
+process as on the GPU machine, so that a GPU run does not find
 a broken script. The numbers themselves mean something only on a GPU; what is asserted here are
 properties a wrong script would break. The scripts' own rules are unit-checked beside them, in
 benchmarks/test_scripts.py."""
@@ -10,37 +10,36 @@ import sys
 
 import pytest
 
-import prestart
 from sap_fast.experiments import zoo
 from sap_fast.sweep import DEFAULT_ALPHAS
-from support import REPO_ROOT
+from support import REPO_ROOT, run_command
 
 WP_LIMIT = 1e-4  # benchmarks/gpu_gram.py: the default mode keeps Wp within this relative error
 
 
 def script(name: str, *args: str):
-    """``python benchmarks/<name>.py --tiny --models resnet50 --no-official *args --out {out}/<name>.json``
-    with one torch thread, started early (tests/prestart.py)."""
-    argv = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", f"{name}.py"), "--tiny", "--models", "resnet50",
-            "--no-official", *args, "--out", os.path.join("{out}", f"{name}.json")]
-    return prestart.command(name, argv, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    """``(name, argv)`` of ``python benchmarks/<name>.py --tiny --models resnet50 --no-official *args
+    --out {out}/<name>.json``."""
+    return name, [sys.executable, os.path.join(REPO_ROOT, "benchmarks", f"{name}.py"), "--tiny", "--models",
+                  "resnet50", "--no-official", *args, "--out", os.path.join("{out}", f"{name}.json")]
 
 
 GRAM = script("gpu_gram", "--modes", "fp64,fp32", "--wp-max-d", "64")
 E2E = script("gpu_e2e")
 
 
-def results(command) -> dict:
-    run = command.result()
+def results(command, out) -> dict:
+    """The script's results, run in ``out`` with one torch thread."""
+    name, argv = command
+    run = run_command(argv, out, env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    with open(os.path.join(run.out, f"{command.name}.json"), encoding="utf-8") as f:
+    with open(os.path.join(run.out, f"{name}.json"), encoding="utf-8") as f:
         return json.load(f)["results"]["resnet50"]
 
 
 @pytest.mark.slow
-@pytest.mark.prestart("gpu_gram")
-def test_gram_script_smoke():
-    res = results(GRAM)
+def test_gram_script_smoke(tmp_path):
+    res = results(GRAM, tmp_path)
     assert res["source"] in ("torchvision", "sap_fast.experiments.zoo")
     assert 0 < res["gram_tflop_shift"] < res["gram_tflop_sym"]
     # the shift-form count is the census's, over the distinct Grams, for every sample
@@ -62,9 +61,8 @@ def test_gram_script_smoke():
 
 
 @pytest.mark.slow
-@pytest.mark.prestart("gpu_e2e")
-def test_e2e_script_smoke_both_solvers_agree():
-    res = results(E2E)
+def test_e2e_script_smoke_both_solvers_agree(tmp_path):
+    res = results(E2E, tmp_path)
     eigh, chol = res["eigh"], res["cholesky"]
     assert set(eigh["update_s"]) == {"None", *map(str, DEFAULT_ALPHAS)}
     assert eigh["val_accuracy"] == chol["val_accuracy"]  # the same weights, so the same predictions
