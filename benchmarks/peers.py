@@ -557,7 +557,7 @@ def plot(results: List[dict], path: str) -> Optional[str]:
     axes[0].set_yticklabels(methods)
     axes[0].invert_yaxis()
     axes[1].legend(loc="lower right")
-    fig.suptitle(f"Input factors on the CPU ({results[0]['threads']} threads; fewer is better; "
+    fig.suptitle(f"Input factors on the CPU ({results[0]['threads']} threads; shorter is better; "
                  "a missing bar: the method failed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
