@@ -91,3 +91,14 @@ def verdict(value: Optional[float], target: float, *, at_most: bool = True, boun
         ok = None
     return {"value": value, "target": ("<= " if at_most else ">= ") + f"{target:g}", "pass": ok,
             **({"lower_bound": True} if bound else {})}
+
+
+def add_lease_arguments(parser, official_seconds: float = 120.0) -> None:
+    """The options that fit a GPU benchmark into a device lease (benchmarks/gpu_suite.sh):
+    the official approach's time cap, the run's time budget, and the streamed results file."""
+    parser.add_argument("--official-seconds", type=float, default=official_seconds,
+                        help="time cap of the official approach per model (its times are then lower bounds)")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds this run may take; items that would not fit are skipped and said so "
+                             "(also SAP_FAST_DEADLINE, an epoch time)")
+    parser.add_argument("--jsonl", help="also write every measurement as one JSON line, flushed as it is made")

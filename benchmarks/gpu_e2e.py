@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import sap_fast  # noqa: E402
 from sap_fast.project import Projector  # noqa: E402
 from sap_fast.sweep import DEFAULT_ALPHAS  # noqa: E402
-from common import Deadline, JsonLines, verdict, write_results  # noqa: E402
+from common import Deadline, JsonLines, add_lease_arguments, verdict, write_results  # noqa: E402
 from gpu_gram import Timer  # noqa: E402
 from sap_fast.experiments import zoo as bench_models  # noqa: E402
 
@@ -231,12 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--official-rows", type=int, default=50000)
-    parser.add_argument("--official-seconds", type=float, default=120.0,
-                        help="time cap of the official approach per model (its times are then lower bounds)")
-    parser.add_argument("--time-budget", type=float,
-                        help="seconds this run may take; items that would not fit are skipped and said so "
-                             "(also SAP_FAST_DEADLINE, an epoch time)")
-    parser.add_argument("--jsonl", help="also write every measurement as one JSON line, flushed as it is made")
+    add_lease_arguments(parser)
     parser.add_argument("--no-official", dest="official", action="store_false")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="smoke run: 32×32 images, a few samples")

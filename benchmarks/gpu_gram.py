@@ -55,7 +55,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import sap_fast  # noqa: E402
 from sap_fast import accumulate  # noqa: E402
-from common import Deadline, JsonLines, verdict, write_results  # noqa: E402
+from common import Deadline, JsonLines, add_lease_arguments, verdict, write_results  # noqa: E402
 from sap_fast.experiments import zoo as bench_models  # noqa: E402
 from sap_fast.experiments.zoo import shift_macs  # noqa: E402
 
@@ -329,14 +329,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--official-rows", type=int, default=50000)
-    parser.add_argument("--official-seconds", type=float, default=120.0,
-                        help="time cap of the official approach per model (its times are then lower bounds)")
     parser.add_argument("--oracle-samples", type=int, default=8,
                         help="samples of the float64 oracle check of the fp64 modes")
-    parser.add_argument("--time-budget", type=float,
-                        help="seconds this run may take; items that would not fit are skipped and said so "
-                             "(also SAP_FAST_DEADLINE, an epoch time)")
-    parser.add_argument("--jsonl", help="also write every measurement as one JSON line, flushed as it is made")
+    add_lease_arguments(parser)
     parser.add_argument("--no-official", dest="official", action="store_false")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gemm-size", type=int, default=8192)
