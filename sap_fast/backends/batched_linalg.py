@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Iterator, Optional, Tuple
 
 import torch
 
 from . import cupy_runtime
+from .switches import switch
 
 CHOICES = ("auto", "cupy")
 MAX_JACOBI_SIZE = 32  # syevjBatched's limit on n
@@ -46,10 +46,7 @@ _PREFIX = {torch.float32: "s", torch.float64: "d"}
 
 
 def _choice(variable: str) -> str:
-    value = os.environ.get(variable, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise ValueError(f"{variable}={value!r}: use one of {CHOICES}")
-    return value
+    return switch(variable)
 
 
 def eigh_choice() -> str:

@@ -40,7 +40,6 @@ paths to the float64 oracle).
 from __future__ import annotations
 
 import math
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -52,16 +51,14 @@ from .._runtime.layers import CONV_TYPES
 from . import nvrtc, shift, triton
 from .native import native, native_cuda
 from .precision import kernel_mode
+from .switches import SWITCHES, switch
 
-KERNEL_CHOICES = ("auto", "cuda", "cupy", "triton", "shift")
+KERNEL_CHOICES = SWITCHES["SAP_FAST_GRAM_KERNEL"][0]
 
 
 def kernel_choice() -> str:
     """``SAP_FAST_GRAM_KERNEL`` (see the module docstring)."""
-    value = os.environ.get("SAP_FAST_GRAM_KERNEL", "auto").strip().lower() or "auto"
-    if value not in KERNEL_CHOICES:
-        raise ValueError(f"SAP_FAST_GRAM_KERNEL={value!r}: use one of {KERNEL_CHOICES}")
-    return value
+    return switch("SAP_FAST_GRAM_KERNEL")
 
 
 def route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: bool,

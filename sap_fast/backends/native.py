@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Optional
 
+from .switches import SWITCHES, switch
+
 log = logging.getLogger("sap_fast")
-BACKENDS = ("auto", "portable")
+BACKENDS = SWITCHES["SAP_FAST_BACKEND"][0]
 
 
 def forced_portable() -> bool:
     """``SAP_FAST_BACKEND=portable``: every stage on its plain-torch path."""
-    choice = os.environ.get("SAP_FAST_BACKEND", "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(f"SAP_FAST_BACKEND={choice!r}: use one of {BACKENDS}")
-    return choice == "portable"
+    return switch("SAP_FAST_BACKEND") == "portable"
 
 
 @functools.lru_cache(maxsize=None)

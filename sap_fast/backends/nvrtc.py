@@ -38,6 +38,7 @@ import numpy
 import torch
 
 from . import cupy_runtime
+from .switches import switch
 
 # -- the sources ---------------------------------------------------------------------------------
 
@@ -85,12 +86,7 @@ def dmma_allowed() -> bool:
     """``SAP_FAST_GRAM_DMMA``, as csrc/cuda/conv_gram.cu reads it: ``auto`` (default; also ``1``,
     ``on``) puts float64 Grams on the FP64 tensor cores from sm_80 on; ``0``/``off`` keeps the FMA
     tiles there too (to time the two, or to test the older path on a newer GPU)."""
-    value = os.environ.get("SAP_FAST_GRAM_DMMA", "auto").strip().lower()
-    if value in ("", "auto", "1", "on"):
-        return True
-    if value in ("0", "off"):
-        return False
-    raise ValueError(f"SAP_FAST_GRAM_DMMA={value!r}: use auto, 0 or 1")
+    return switch("SAP_FAST_GRAM_DMMA") == "auto"
 
 
 def uses_dmma(acc_dtype: torch.dtype, capability_major: int) -> bool:
