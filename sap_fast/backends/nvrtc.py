@@ -38,6 +38,7 @@ import numpy
 import torch
 
 from . import cupy_runtime
+from .geometry import SHAPE_DTYPE, SHAPE_FIELDS, ConvGeometry, conv_geometry  # noqa: F401
 from .switches import switch
 
 # -- the sources ---------------------------------------------------------------------------------
@@ -218,120 +219,40 @@ def _module(name: str):
                         name_expressions=list(KERNEL_SOURCES[name]))
 
 
-# -- the shape and its checks (csrc/conv_geometry.h and csrc/cuda/conv_gram.cu) -----------------
-
-#: ``sap_fast::cuda::ConvGramShape``, field for field (all int64, so no padding): the tile kernel
-#: takes it by value.
-SHAPE_FIELDS: Tuple[Tuple[str, int], ...] = (
-    ("batch", 1), ("channels", 1), ("groups", 1), ("group_channels", 1),
-    ("in_size", 3), ("out_size", 3), ("kernel", 3), ("stride", 3), ("padding", 3), ("dilation", 3),
-    ("taps", 1), ("width", 1), ("positions", 1), ("rows", 1))
-SHAPE_DTYPE = numpy.dtype([(name, "<i8") if n == 1 else (name, "<i8", (n,)) for name, n in SHAPE_FIELDS],
-                          align=True)
+# -- the shape the kernels take: sap_fast.backends.geometry, plus the CUDA kernels' own limits ---
 
 #: ``DefaultGramTiling`` = ``GramTiling<TILE, CHUNK, THREADS_PER_DIM>`` in the .cuh.
 TILE, CHUNK, THREADS_PER_DIM = 64, 16, 16
 MIRROR_THREADS = 256
 _BLOCKS_PER_SM, _MIN_CHUNKS_PER_SPLIT, _MAX_SPLITS, _MAX_GRID_X = 4, 32, 65535, 2147483647
-_INT64_MAX = 2 ** 63 - 1
-# c10's names, as TORCH_CHECK prints a ScalarType (the messages match the CMake-built op's)
-_SCALAR_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
-                 torch.float64: "Double", torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short",
-                 torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
-                 torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
 
 
-@dataclass(frozen=True)
-class ConvGramShape:
-    """The checked geometry of one call, as 3-D (1-D/2-D convs get leading size-1 dims)."""
-    batch: int
-    channels: int
-    groups: int
-    group_channels: int
-    in_size: Tuple[int, int, int]
-    out_size: Tuple[int, int, int]
-    kernel: Tuple[int, int, int]
-    stride: Tuple[int, int, int]
-    padding: Tuple[int, int, int]
-    dilation: Tuple[int, int, int]
-    taps: int
-    width: int
-    positions: int
-    rows: int
-
-    def pack(self) -> numpy.ndarray:
-        """A one-element array of :data:`SHAPE_DTYPE`: cupy passes a size-one numpy array to a
-        kernel by value, which is how the kernel takes its ``ConvGramShape``."""
-        return numpy.array([tuple(getattr(self, name) for name, _ in SHAPE_FIELDS)], dtype=SHAPE_DTYPE)
+#: The record the kernels take by value (``ConvGramShape`` in the .cuh).
+ConvGramShape = ConvGeometry
 
 
-def _fail(message: str):
-    raise RuntimeError(f"conv_gram: {message}")
-
-
-def _ints(name: str, value) -> List[int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
-            not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        _fail(f"{name} must be a list of ints (one per spatial dim of x), got {value!r}")
-    return list(value)
-
-
-def _list(values) -> str:
-    return "[" + ", ".join(str(v) for v in values) + "]"
+def cuda_limits(shape: ConvGeometry) -> Optional[str]:
+    """Why the CUDA kernels cannot take this geometry (their grid and index limits), or None."""
+    if shape.groups > 65535:
+        return f"at most 65535 groups are supported on CUDA, got {shape.groups}"
+    k, s, p, dil = shape.kernel, shape.stride, shape.padding, shape.dilation
+    if not all(k[i] <= 1 << 20 and s[i] <= 1 << 30 and dil[i] <= 1 << 20 and p[i] <= 1 << 30 for i in range(3)):
+        lead = 3 - shape.spatial
+        listed = ", ".join("[" + ", ".join(str(v) for v in values[lead:]) + "]" for values in (k, s, p, dil))
+        return f"kernel_size/stride/padding/dilation out of range: {listed}"
+    if not grid_fits(shape):
+        return f"Gram width d = {shape.width} is too large for the CUDA kernel's grid"
+    return None
 
 
 def conv_gram_shape(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int,
-                    dtype: torch.dtype) -> ConvGramShape:
-    """The checks of ``torch.ops.sap_fast.conv_gram`` on CUDA (csrc/conv_geometry.h, then
-    csrc/cuda/conv_gram.cu), in the same order with the same one-line messages, and the shape
-    the kernels work on. Reads only shapes: runs on any tensor (the tests run it on the CPU)."""
-    if x.dim() < 3 or x.dim() > 5:
-        _fail(f"x must be (N, C, *spatial) with 1 to 3 spatial dims, got shape {_list(x.shape)}; "
-              "add a batch dim with x.unsqueeze(0) for unbatched input")
-    if x.dtype not in _DTYPES:
-        _fail(f"x must be float32 or float64, got {_SCALAR_NAMES.get(x.dtype, x.dtype)}; "
-              "convert it with .float()")
-    if dtype not in _DTYPES:
-        _fail(f"dtype (accumulation) must be float32 or float64, got {_SCALAR_NAMES.get(dtype, dtype)}")
-    spatial = x.dim() - 2
-    k, s, p, dil = (_ints("kernel_size", kernel_size), _ints("stride", stride), _ints("padding", padding),
-                    _ints("dilation", dilation))
-    if not len(k) == len(s) == len(p) == len(dil) == spatial:
-        _fail(f"kernel_size, stride, padding and dilation need {spatial} entries each (one per spatial "
-              "dim of x)")
-    channels = x.shape[1]
-    if not (groups >= 1 and channels % groups == 0):
-        _fail(f"groups={groups} must be positive and divide the {channels} input channels")
-    out = []
-    for i in range(spatial):
-        if not (k[i] > 0 and s[i] > 0 and dil[i] > 0 and p[i] >= 0):
-            _fail(f"kernel_size, stride and dilation must be positive and padding non-negative (dim {i})")
-        span = dil[i] * (k[i] - 1) + 1
-        padded = x.shape[2 + i] + 2 * p[i]
-        if padded < span:
-            _fail(f"spatial dim {i} has size {x.shape[2 + i]} (padded {padded}), smaller than the "
-                  f"dilated kernel ({span}); the conv has no output")
-        out.append((padded - span) // s[i] + 1)
-    # the CUDA op's own limits
-    if groups > 65535:
-        _fail(f"at most 65535 groups are supported on CUDA, got {groups}")
-    for i in range(spatial):
-        if not (k[i] <= 1 << 20 and s[i] <= 1 << 30 and dil[i] <= 1 << 20 and p[i] <= 1 << 30):
-            _fail(f"kernel_size/stride/padding/dilation out of range: {_list(k)}, {_list(s)}, "
-                  f"{_list(p)}, {_list(dil)}")
-    lead = 3 - spatial
-    taps, positions = math.prod(k), math.prod(out)
-    batch = x.shape[0]
-    if positions and batch > _INT64_MAX // positions:
-        _fail("N * output positions overflows int64")
-    shape = ConvGramShape(
-        batch=batch, channels=channels, groups=groups, group_channels=channels // groups,
-        in_size=tuple([1] * lead + list(x.shape[2:])), out_size=tuple([1] * lead + out),
-        kernel=tuple([1] * lead + k), stride=tuple([1] * lead + s), padding=tuple([0] * lead + p),
-        dilation=tuple([1] * lead + dil), taps=taps, width=channels // groups * taps,
-        positions=positions, rows=batch * positions)
-    if not grid_fits(shape):
-        _fail(f"Gram width d = {shape.width} is too large for the CUDA kernel's grid")
+                    dtype: torch.dtype) -> ConvGeometry:
+    """The checks of ``torch.ops.sap_fast.conv_gram`` on CUDA: :func:`~.geometry.conv_geometry`,
+    then the CUDA kernels' own limits (:func:`cuda_limits`), with the op's one-line messages."""
+    shape = conv_geometry(x, kernel_size, stride, padding, dilation, groups, dtype)
+    why = cuda_limits(shape)
+    if why is not None:
+        raise RuntimeError(f"conv_gram: {why}")
     return shape
 
 
