@@ -282,3 +282,30 @@ def test_the_op_has_the_plans_cuda_kernel_exactly_where_the_launch_op_is_built()
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     assert has("sap_fast::conv_gram", "CUDA") == has("sap_fast::conv_gram_launch", "CUDA")
     assert not has("sap_fast::conv_gram_launch", "CPU")  # a launch of CUDA kernels only
+
+
+def test_ops_registers_the_plans_cuda_kernel_where_the_launch_op_has_one():
+    """What ops.py does on a CUDA build, in a fresh process of this CPU build: with the launch
+    op's CUDA kernel present (stood in by the dispatcher query), conv_gram gains its CUDA kernel,
+    and its CPU kernel is untouched."""
+    import subprocess
+    import sys
+
+    from sap_fast.backends.native import native
+    if native() is None:
+        pytest.skip("sap_fast._C is not built")
+    code = "\n".join([
+        "import torch",
+        "real = torch._C._dispatch_has_kernel_for_dispatch_key",
+        "torch._C._dispatch_has_kernel_for_dispatch_key = lambda op, key: "
+        "(op, key) == ('sap_fast::conv_gram_launch', 'CUDA') or real(op, key)",
+        "from sap_fast.backends import native",
+        "assert native.load()[0] is not None",
+        "torch._C._dispatch_has_kernel_for_dispatch_key = real",
+        "x = torch.randn(2, 3, 5, 5, dtype=torch.float64)",
+        "g = torch.ops.sap_fast.conv_gram(x, [3, 3], [1, 1], [1, 1], [1, 1], 1, torch.float64)",
+        "print(real('sap_fast::conv_gram', 'CUDA'), tuple(g.shape))"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[-2] == "True (1, 27, 27)"
