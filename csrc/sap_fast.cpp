@@ -19,11 +19,21 @@ TORCH_LIBRARY(sap_fast, m) {
   // The same Gram for stride-1 convs from shifted channel cross-correlations (exact).
   m.def("conv_gram_shift(Tensor x, int[] kernel_size, int[] padding, int[] dilation, int groups, "
         "ScalarType dtype) -> Tensor");
-  // conv_gram with dtype float64 as the CUDA tensor-core tiles compute it on a GPU of sm_count
-  // SMs, emulated on the CPU through the kernel's own index code (csrc/cpu/conv_gram_dmma_twin.cpp):
-  // the twin that the tests hold to the oracle. Not a route of the statistics pass.
+  // conv_gram's CUDA kernels launched from a launch plan (sap_fast/backends/conv_launch.py, whose
+  // Python CUDA kernel of conv_gram calls this): writes G into gram, a contiguous (groups, d, d)
+  // tensor of the accumulation dtype on x's device, on the current stream. x contiguous.
+  // rows_per_split: rows per split-K range (a positive multiple of the 16-row chunk, at most 65535
+  // ranges); dmma: the FP64 tensor-core tiles (float64 gram only) instead of the FMA tiles;
+  // mirror_blocks/mirror_threads: the grid of the kernel that copies G's upper triangle down.
+  // CUDA only (csrc/cuda/conv_gram.cu).
+  m.def("conv_gram_launch(Tensor x, Tensor(a!) gram, int[] kernel_size, int[] stride, int[] padding, "
+        "int[] dilation, int groups, int rows_per_split, bool dmma, int mirror_blocks, int mirror_threads) -> ()");
+  // conv_gram with dtype float64 as the CUDA tensor-core tiles compute it with ranges of
+  // rows_per_split rows (a launch plan's, sap_fast.backends.conv_launch.plan), emulated on the
+  // CPU through the kernel's own index code (csrc/cpu/conv_gram_dmma_twin.cpp): the twin that
+  // the tests hold to the oracle. Not a route of the statistics pass.
   m.def("conv_gram_dmma_twin(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-        "int groups, int sm_count) -> Tensor");
+        "int groups, int rows_per_split) -> Tensor");
   // Symmetric eigendecomposition of a batch (B, n, n) of Grams (lower triangle read): ascending
   // eigenvalues (B, n) and orthonormal eigenvectors as columns (B, n, n), like torch.linalg.eigh.
   m.def("eigh(Tensor gram) -> (Tensor, Tensor)");

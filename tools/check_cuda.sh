@@ -112,14 +112,18 @@ for header in "$ROOT"/csrc/cuda/*.cuh; do
     if [[ "$name" == conv_gram_kernels ]]; then
       cat <<'EOF'
 namespace sc = sap_fast::cuda;
-template void sc::launch_conv_gram_tiles<float, float>(const float*, float*, const sc::ConvGramShape&, int, cudaStream_t);
-template void sc::launch_conv_gram_tiles<float, double>(const float*, double*, const sc::ConvGramShape&, int, cudaStream_t);
-template void sc::launch_conv_gram_tiles<double, double>(const double*, double*, const sc::ConvGramShape&, int, cudaStream_t);
-template void sc::launch_conv_gram_tiles<double, float>(const double*, float*, const sc::ConvGramShape&, int, cudaStream_t);
-template void sc::launch_conv_gram_dmma_tiles<float>(const float*, double*, const sc::ConvGramShape&, int, cudaStream_t);
-template void sc::launch_conv_gram_dmma_tiles<double>(const double*, double*, const sc::ConvGramShape&, int, cudaStream_t);
-template void sc::launch_mirror_upper_to_lower<float>(float*, int64_t, int64_t, cudaStream_t);
-template void sc::launch_mirror_upper_to_lower<double>(double*, int64_t, int64_t, cudaStream_t);
+using Tiling = sc::DefaultGramTiling;
+template void sc::tile_grid_size<Tiling>(const sc::ConvGramShape&, int64_t, int64_t*);
+void* const kKernels[] = {
+    reinterpret_cast<void*>(&sc::conv_gram_tile_kernel<float, float, Tiling>),
+    reinterpret_cast<void*>(&sc::conv_gram_tile_kernel<float, double, Tiling>),
+    reinterpret_cast<void*>(&sc::conv_gram_tile_kernel<double, double, Tiling>),
+    reinterpret_cast<void*>(&sc::conv_gram_tile_kernel<double, float, Tiling>),
+    reinterpret_cast<void*>(&sc::conv_gram_dmma_kernel<float, Tiling>),
+    reinterpret_cast<void*>(&sc::conv_gram_dmma_kernel<double, Tiling>),
+    reinterpret_cast<void*>(&sc::mirror_upper_to_lower_kernel<float>),
+    reinterpret_cast<void*>(&sc::mirror_upper_to_lower_kernel<double>),
+};
 EOF
     fi
   } >"$scratch/$name.header_check.cu"

@@ -2,7 +2,8 @@
 // csrc/cuda/conv_gram_kernels.cuh): sap_fast::conv_gram_dmma_twin runs that kernel's grid block by
 // block and its 8 warps lane by lane, through the kernel's own index code (tile_block,
 // load_column_taps, DmmaTiles::gather_chunk / load_fragments / cell_row / cell_col, upper_cell,
-// tile_rows_per_split), compiled here by g++. Only the m8n8k4 product is the CPU's: mma_m8n8k4
+// tile_grid_size), compiled here by g++, on the split-K ranges of a launch plan (rows_per_split,
+// from sap_fast.backends.conv_launch.plan, checked as the CUDA launch op checks it). Only the m8n8k4 product is the CPU's: mma_m8n8k4
 // below, written from the PTX ISA's fragment layout on its own, so a wrong fragment index in the
 // shared code shows as a wrong Gram. tests/backends/test_dmma_twin.py holds it to the float64
 // oracle; a GPU holds the kernel to the same tests (tests/backends/test_cuda_ops.py).
@@ -110,18 +111,16 @@ void run_block(const scalar_t* x, double* gram, const cuda::ConvGramShape& s, co
   }
 }
 
-// torch.ops.sap_fast.conv_gram(x, ..., torch.float64) as conv_gram_dmma_kernel computes it on a GPU
-// with sm_count SMs (which sets the split-K ranges), then the mirror.
+// torch.ops.sap_fast.conv_gram(x, ..., torch.float64) as conv_gram_dmma_kernel computes it with
+// ranges of rows_per_split rows (the launch plan's), then the mirror.
 at::Tensor conv_gram_dmma_twin_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                   int64_t sm_count) {
+                                   int64_t rows_per_split) {
   const cuda::ConvGramShape s = cuda::conv_gram_shape(x, kernel_size, stride, padding, dilation, groups, at::kDouble);
-  TORCH_CHECK(sm_count >= 0 && sm_count <= (1 << 20), "conv_gram_dmma_twin: sm_count must be in [0, 2^20], got ",
-              sm_count);
+  cuda::conv_gram_splits(s, rows_per_split, "conv_gram_dmma_twin");
   at::Tensor gram = at::zeros({s.groups, s.width, s.width}, x.options().dtype(at::kDouble));
   if (s.rows == 0 || s.width == 0) return gram;
   const at::Tensor xc = x.contiguous();
-  const int64_t rows_per_split = cuda::tile_rows_per_split<Tiling>(s, static_cast<int>(sm_count));
   int64_t grid[3];
   cuda::tile_grid_size<Tiling>(s, rows_per_split, grid);
   double* out = gram.data_ptr<double>();

@@ -3,12 +3,13 @@
 //
 // Only CUDA runtime headers here (no torch), so the file compile-checks in a second and can be
 // reused from any binding. Two compilers read it:
-//   nvcc    through csrc/cuda/conv_gram.cu, the torch-facing launcher of the CMake build;
+//   nvcc    through csrc/cuda/conv_gram.cu, the launch op of the CMake build;
 //   NVRTC   at run time through cupy (sap_fast/backends/nvrtc.py), on machines with torch from a
 //           wheel and no CUDA toolkit. NVRTC has no host headers (no cuda_runtime.h, no <cstdint>)
-//           and compiles device code only, so the includes and the host-side launchers at the end
-//           are guarded by __CUDACC_RTC__; the Python launcher mirrors those launchers (grid,
-//           split-K, mirror) and tools/check_cuda.sh compiles the file both ways.
+//           and compiles device code only, so the includes and the host-side grid helpers at the
+//           end are guarded by __CUDACC_RTC__; tools/check_cuda.sh compiles the file both ways.
+// Both launch from one plan, computed in Python (sap_fast/backends/conv_launch.py): which tile
+// kernel, the split-K ranges (rows_per_split) and the mirror's grid.
 //
 // Layout. x is a contiguous (N, C, D, H, W) tensor (1-D and 2-D convs pass size-1 leading spatial
 // dims and size-1 kernels). Group g owns channels [g·Cg, (g+1)·Cg). The Gram is (groups, d, d)
@@ -36,8 +37,7 @@
 // A third compiler reads it: g++ (csrc/cpu/conv_gram_dmma_twin.cpp). The index code of the tiles
 // is marked SAP_FAST_HD (__host__ __device__ under nvcc and NVRTC, nothing under g++), so the CPU
 // twin of the tensor-core kernel runs the very loads, fragment indexing and stores of the device
-// path, with the m8n8k4 product emulated lane by lane; the kernels and the launchers are hidden
-// from g++.
+// path, with the m8n8k4 product emulated lane by lane; the kernels are hidden from g++.
 #pragma once
 
 #ifndef __CUDACC_RTC__
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(Tiling::kThreads)
   const int64_t tile_row = block.tile_row, tile_col = block.tile_col, group = block.group;
   const int64_t row_begin = block.row_begin, row_end = block.row_end;
   const bool diagonal = block.diagonal;
-  if (row_begin >= row_end) return;  // the launcher sizes the grid so this does not happen
+  if (row_begin >= row_end) return;  // tile_grid_size's grid has no empty range
 
   // +1 column of padding: the loaders write down a column, which would otherwise hit one bank.
   __shared__ acc_t row_slab[kChunk][kTile + 1];  // R[chunk rows, tile_row's columns]
@@ -446,7 +446,7 @@ __global__ void __launch_bounds__(Tiling::kThreads)
                           int64_t rows_per_split) {
   using Tiles = DmmaTiles<Tiling>;
   const TileBlock block = tile_block(s, Tiling::kTile, rows_per_split, blockIdx.x, blockIdx.y, blockIdx.z);
-  if (block.row_begin >= block.row_end) return;  // the launcher sizes the grid so this does not happen
+  if (block.row_begin >= block.row_end) return;  // tile_grid_size's grid has no empty range
 
   __shared__ double row_slab[Tiles::kSlabSize];  // R[chunk rows, tile_row's columns], column by column
   __shared__ double col_slab[Tiles::kSlabSize];  // R[chunk rows, tile_col's columns]; unused on the diagonal
@@ -495,45 +495,22 @@ __global__ void __launch_bounds__(Tiling::kThreads)
 #endif  // __CUDACC__ || __CUDACC_RTC__
 
 // ---------------------------------------------------------------------------------------------
-// Host-side launch functions (no torch): the caller zeroes `gram`, launches the tiles, then the
-// mirror, on one stream, checking each launch. Not for NVRTC (device code only, no <<<>>>):
-// sap_fast/backends/nvrtc.py launches the same kernels with the same grid, and keeps a copy of
-// choose_rows_per_split and conv_gram_grid_fits that must change with them. The split-K choice
-// is plain C++, which the CPU twin shares; the launches are nvcc's only.
+// The grid of the tile kernels, host side (no torch). The launch itself is planned in Python
+// (sap_fast/backends/conv_launch.py: kernel, split-K ranges, mirror grid), and launched from that
+// plan by csrc/cuda/conv_gram.cu or through NVRTC (sap_fast/backends/nvrtc.py). What is here is
+// the kernels' indexing contract, shared by that launch op and the CPU twin: the grid that
+// tile_block maps one-to-one onto (upper tile, group, row range) for a given rows_per_split, and
+// whether a shape's grid fits CUDA's limits at all. Not for NVRTC (device code only).
 // ---------------------------------------------------------------------------------------------
 #ifndef __CUDACC_RTC__
 
-// Row ranges per tile (split-K). Enough blocks to fill the GPU a few times over, but never a
-// range so short that the atomicAdds of its tile outweigh its multiply-adds.
-inline int64_t choose_rows_per_split(int64_t tile_blocks, int64_t rows, int sm_count, int chunk) {
-  constexpr int64_t kBlocksPerSm = 4;
-  constexpr int64_t kMinChunksPerSplit = 32;
-  constexpr int64_t kMaxSplits = 65535;  // gridDim.z limit
-  const int64_t wanted_blocks = kBlocksPerSm * (sm_count > 0 ? sm_count : 1);
-  int64_t splits = (wanted_blocks + tile_blocks - 1) / tile_blocks;
-  const int64_t max_useful = rows / (kMinChunksPerSplit * chunk);
-  if (splits > max_useful) splits = max_useful;
-  if (splits > kMaxSplits) splits = kMaxSplits;
-  if (splits < 1) splits = 1;
-  int64_t rows_per_split = (rows + splits - 1) / splits;
-  // Whole chunks per split. Rounding up can only lower the split count (the grid then uses
-  // ceil(rows / rows_per_split) splits, none empty).
-  return (rows_per_split + chunk - 1) / chunk * chunk;
-}
-
-// choose_rows_per_split for shape s on sm_count SMs, and the grid it gives: (upper tiles,
-// groups, row ranges).
-template <typename Tiling>
-inline int64_t tile_rows_per_split(const ConvGramShape& s, int sm_count) {
-  const int64_t tiles = (s.width + Tiling::kTile - 1) / Tiling::kTile;
-  return choose_rows_per_split(upper_tile_count(tiles) * s.groups, s.rows, sm_count, Tiling::kChunk);
-}
-
+// (upper tiles, groups, row ranges) for ranges of rows_per_split rows: blockIdx.x, .y, .z of
+// tile_block. rows_per_split > 0.
 template <typename Tiling>
 inline void tile_grid_size(const ConvGramShape& s, int64_t rows_per_split, int64_t size[3]) {
   size[0] = upper_tile_count((s.width + Tiling::kTile - 1) / Tiling::kTile);
   size[1] = s.groups;
-  size[2] = (s.rows + rows_per_split - 1) / rows_per_split;
+  size[2] = s.rows / rows_per_split + (s.rows % rows_per_split != 0);
 }
 
 // Whether the launch grid can hold this shape: groups on gridDim.y (≤ 65535), upper tiles on
@@ -542,46 +519,6 @@ inline bool conv_gram_grid_fits(const ConvGramShape& s, int tile) {
   const int64_t tiles = (s.width + tile - 1) / tile;
   return s.groups <= 65535 && upper_tile_count(tiles) <= 2147483647LL;
 }
-
-#ifdef __CUDACC__
-
-template <typename Tiling>
-inline dim3 conv_gram_tile_grid(const ConvGramShape& s, int64_t rows_per_split) {
-  int64_t size[3];
-  tile_grid_size<Tiling>(s, rows_per_split, size);
-  return dim3(static_cast<unsigned>(size[0]), static_cast<unsigned>(size[1]), static_cast<unsigned>(size[2]));
-}
-
-template <typename scalar_t, typename acc_t, typename Tiling = DefaultGramTiling>
-inline void launch_conv_gram_tiles(const scalar_t* x, acc_t* gram, const ConvGramShape& s, int sm_count,
-                                   cudaStream_t stream) {
-  const int64_t rows_per_split = tile_rows_per_split<Tiling>(s, sm_count);
-  const dim3 grid = conv_gram_tile_grid<Tiling>(s, rows_per_split);
-  const dim3 block(Tiling::kThreadsPerDim, Tiling::kThreadsPerDim);
-  conv_gram_tile_kernel<scalar_t, acc_t, Tiling><<<grid, block, 0, stream>>>(x, gram, s, rows_per_split);
-}
-
-// The tensor-core tiles: the same grid and block as launch_conv_gram_tiles, float64 G only, for
-// devices of compute capability 8.0 and later (the caller checks).
-template <typename scalar_t, typename Tiling = DefaultGramTiling>
-inline void launch_conv_gram_dmma_tiles(const scalar_t* x, double* gram, const ConvGramShape& s, int sm_count,
-                                        cudaStream_t stream) {
-  const int64_t rows_per_split = tile_rows_per_split<Tiling>(s, sm_count);
-  const dim3 grid = conv_gram_tile_grid<Tiling>(s, rows_per_split);
-  const dim3 block(Tiling::kThreadsPerDim, Tiling::kThreadsPerDim);
-  conv_gram_dmma_kernel<scalar_t, Tiling><<<grid, block, 0, stream>>>(x, gram, s, rows_per_split);
-}
-
-template <typename acc_t>
-inline void launch_mirror_upper_to_lower(acc_t* gram, int64_t width, int64_t matrices, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  const int64_t total = matrices * width * width;
-  const int64_t wanted = (total + kThreads - 1) / kThreads;
-  const unsigned blocks = static_cast<unsigned>(wanted < 65535 ? (wanted > 0 ? wanted : 1) : 65535);
-  mirror_upper_to_lower_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(gram, width, matrices);
-}
-
-#endif  // __CUDACC__
 
 #endif  // __CUDACC_RTC__
 

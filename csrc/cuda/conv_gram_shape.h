@@ -1,6 +1,7 @@
-// The checked shape of one conv_gram call as the CUDA kernels see it (csrc/cuda/conv_gram_kernels.cuh):
-// shared by the CUDA launcher (csrc/cuda/conv_gram.cu) and the CPU twin of its tensor-core tiles
-// (csrc/cpu/conv_gram_dmma_twin.cpp), so both run the kernels on the same ConvGramShape.
+// The checked shape of one conv_gram call as the CUDA kernels see it (csrc/cuda/conv_gram_kernels.cuh),
+// and the check of the split-K ranges a launch plan gives them: shared by the CUDA launch op
+// (csrc/cuda/conv_gram.cu) and the CPU twin of its tensor-core tiles (csrc/cpu/conv_gram_dmma_twin.cpp),
+// so both run the kernels on the same ConvGramShape and the same grid.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +53,22 @@ inline ConvGramShape conv_gram_shape(const at::Tensor& x, at::IntArrayRef kernel
   TORCH_CHECK(conv_gram_grid_fits(s, DefaultGramTiling::kTile),
               "conv_gram: Gram width d = ", s.width, " is too large for the CUDA kernel's grid");
   return s;
+}
+
+// The row ranges per tile (gridDim.z) of ranges of rows_per_split rows, after checking that
+// rows_per_split is a positive multiple of the chunk (the kernels walk whole chunks from each
+// range's start) and that the ranges fit gridDim.z. `op` names the caller in the messages.
+inline int64_t conv_gram_splits(const ConvGramShape& s, int64_t rows_per_split, const char* op) {
+  constexpr int64_t kChunk = DefaultGramTiling::kChunk;
+  constexpr int64_t kMaxSplits = 65535;  // gridDim.z
+  TORCH_CHECK(rows_per_split > 0 && rows_per_split % kChunk == 0, op,
+              ": rows_per_split must be a positive multiple of ", kChunk, " (whole chunks of rows), got ",
+              rows_per_split, "; take it from sap_fast.backends.conv_launch.plan");
+  const int64_t splits = s.rows / rows_per_split + (s.rows % rows_per_split != 0);
+  TORCH_CHECK(splits <= kMaxSplits, op, ": rows_per_split=", rows_per_split, " cuts the ", s.rows,
+              " rows into ", splits, " ranges, more than gridDim.z allows (", kMaxSplits,
+              "); take it from sap_fast.backends.conv_launch.plan");
+  return splits;
 }
 
 }  // namespace sap_fast::cuda

@@ -16,10 +16,9 @@ contract of ``torch.ops.sap_fast.conv_gram``: same arguments, same checks and on
   the first time that device asks for a kernel (a few seconds), then kept by cupy's on-disk
   kernel cache (``~/.cupy/kernel_cache``, or ``CUPY_CACHE_DIR``) for every later process.
 - Launch: on torch's current stream (ordered with the forward pass, no host sync), on torch's
-  memory without copies (DLPack), into an output that torch allocates. The grid, the split-K
-  choice and the mirror launch copy the host launchers at the end of the ``.cuh``, which NVRTC
-  does not compile (:func:`rows_per_split`, :func:`tile_grid`, :func:`mirror_blocks`); the tests
-  hold this copy, the tile constants and :data:`SHAPE_DTYPE` to the source.
+  memory without copies (DLPack), into an output that torch allocates, from the launch plan that
+  the CMake-built op launches from too (:func:`.conv_launch.plan`: kernel, grid, split-K ranges,
+  mirror); the tests hold :data:`SHAPE_DTYPE` to the source's struct.
 
 :func:`load` says whether this can run here, and why not (cupy missing, NVRTC missing, no GPU,
 forced portable, sources missing). :mod:`.gram` routes convs on a GPU here when the CMake-built
@@ -28,18 +27,16 @@ op is absent, or everywhere with ``SAP_FAST_GRAM_KERNEL=cupy``.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy
 import torch
 
-from . import cupy_runtime
-from .geometry import SHAPE_DTYPE, SHAPE_FIELDS, ConvGeometry, conv_geometry  # noqa: F401
-from .switches import switch
+from . import conv_launch, cupy_runtime
+from .conv_launch import LaunchPlan, conv_gram_shape, cuda_limits  # noqa: F401  (the checks on CUDA)
+from .geometry import SHAPE_DTYPE, SHAPE_FIELDS, ConvGeometry  # noqa: F401
 
 # -- the sources ---------------------------------------------------------------------------------
 
@@ -79,21 +76,6 @@ KERNEL_SOURCES: Dict[str, Tuple[str, ...]] = {
                              + tuple(dmma_kernel_name(x) for x in _DTYPES)
                              + tuple(mirror_kernel_name(acc) for acc in _DTYPES),
 }
-#: The first compute capability with FP64 tensor cores (mma.sync m8n8k4 .f64).
-DMMA_MIN_MAJOR = 8
-
-
-def dmma_allowed() -> bool:
-    """``SAP_FAST_GRAM_DMMA``, as csrc/cuda/conv_gram.cu reads it: ``auto`` (default; also ``1``,
-    ``on``) puts float64 Grams on the FP64 tensor cores from sm_80 on; ``0``/``off`` keeps the FMA
-    tiles there too (to time the two, or to test the older path on a newer GPU)."""
-    return switch("SAP_FAST_GRAM_DMMA") == "auto"
-
-
-def uses_dmma(acc_dtype: torch.dtype, capability_major: int) -> bool:
-    """Whether a Gram in ``acc_dtype`` on a device of that compute capability takes the
-    tensor-core tiles (the choice of csrc/cuda/conv_gram.cu)."""
-    return acc_dtype == torch.float64 and capability_major >= DMMA_MIN_MAJOR and dmma_allowed()
 #: NVRTC options beyond the architecture (cupy adds ``-arch`` for the device; the check passes
 #: ``--gpu-architecture``). C++17: the sources use nested namespaces; cupy 14 defaults to it too.
 NVRTC_OPTIONS: Tuple[str, ...] = ("--std=c++17",)
@@ -219,114 +201,40 @@ def _module(name: str):
                         name_expressions=list(KERNEL_SOURCES[name]))
 
 
-# -- the shape the kernels take: sap_fast.backends.geometry, plus the CUDA kernels' own limits ---
-
-#: ``DefaultGramTiling`` = ``GramTiling<TILE, CHUNK, THREADS_PER_DIM>`` in the .cuh.
-TILE, CHUNK, THREADS_PER_DIM = 64, 16, 16
-MIRROR_THREADS = 256
-_BLOCKS_PER_SM, _MIN_CHUNKS_PER_SPLIT, _MAX_SPLITS, _MAX_GRID_X = 4, 32, 65535, 2147483647
-
+# -- the launch, from the plan -------------------------------------------------------------------
 
 #: The record the kernels take by value (``ConvGramShape`` in the .cuh).
 ConvGramShape = ConvGeometry
 
 
-def cuda_limits(shape: ConvGeometry) -> Optional[str]:
-    """Why the CUDA kernels cannot take this geometry (their grid and index limits), or None."""
-    if shape.groups > 65535:
-        return f"at most 65535 groups are supported on CUDA, got {shape.groups}"
-    k, s, p, dil = shape.kernel, shape.stride, shape.padding, shape.dilation
-    if not all(k[i] <= 1 << 20 and s[i] <= 1 << 30 and dil[i] <= 1 << 20 and p[i] <= 1 << 30 for i in range(3)):
-        lead = 3 - shape.spatial
-        listed = ", ".join("[" + ", ".join(str(v) for v in values[lead:]) + "]" for values in (k, s, p, dil))
-        return f"kernel_size/stride/padding/dilation out of range: {listed}"
-    if not grid_fits(shape):
-        return f"Gram width d = {shape.width} is too large for the CUDA kernel's grid"
-    return None
+def kernel_name(plan: LaunchPlan, x_dtype: torch.dtype) -> str:
+    """The name expression of the plan's tile kernel for input ``x_dtype``."""
+    return dmma_kernel_name(x_dtype) if plan.dmma else tile_kernel_name(x_dtype, plan.acc_dtype)
 
 
-def conv_gram_shape(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int,
-                    dtype: torch.dtype) -> ConvGeometry:
-    """The checks of ``torch.ops.sap_fast.conv_gram`` on CUDA: :func:`~.geometry.conv_geometry`,
-    then the CUDA kernels' own limits (:func:`cuda_limits`), with the op's one-line messages."""
-    shape = conv_geometry(x, kernel_size, stride, padding, dilation, groups, dtype)
-    why = cuda_limits(shape)
-    if why is not None:
-        raise RuntimeError(f"conv_gram: {why}")
-    return shape
-
-
-# -- the launch geometry: copies of the host launchers in conv_gram_kernels.cuh -----------------
-
-def upper_tile_count(tiles: int) -> int:
-    return tiles * (tiles + 1) // 2
-
-
-def grid_fits(shape: ConvGramShape, tile: int = TILE) -> bool:
-    """``conv_gram_grid_fits``: groups on gridDim.y (≤ 65535), upper tiles on gridDim.x."""
-    tiles = -(-shape.width // tile)
-    return shape.groups <= 65535 and upper_tile_count(tiles) <= _MAX_GRID_X
-
-
-def rows_per_split(tile_blocks: int, rows: int, sm_count: int, chunk: int = CHUNK) -> int:
-    """``choose_rows_per_split``: rows per split-K range, whole chunks. About 4 blocks per SM in
-    all, but at least 32 chunks per range (below that a tile's atomics outweigh its multiply-adds)
-    and at most 65535 ranges (gridDim.z)."""
-    wanted = _BLOCKS_PER_SM * (sm_count if sm_count > 0 else 1)
-    splits = -(-wanted // tile_blocks)
-    splits = min(splits, rows // (_MIN_CHUNKS_PER_SPLIT * chunk), _MAX_SPLITS)
-    splits = max(splits, 1)
-    per_split = -(-rows // splits)
-    return -(-per_split // chunk) * chunk
-
-
-def tile_grid(shape: ConvGramShape, per_split: int, tile: int = TILE) -> Tuple[int, int, int]:
-    """``conv_gram_tile_grid``: (upper tiles, groups, row ranges)."""
-    tiles = -(-shape.width // tile)
-    return upper_tile_count(tiles), shape.groups, -(-shape.rows // per_split)
-
-
-def mirror_blocks(width: int, matrices: int) -> int:
-    """``launch_mirror_upper_to_lower``'s block count (a grid-stride loop: at most 65535)."""
-    wanted = -(-(matrices * width * width) // MIRROR_THREADS)
-    return min(max(wanted, 1), 65535)
-
-
-def launch(cp, module, x: torch.Tensor, gram: torch.Tensor, shape: ConvGramShape, sm_count: int,
-           stream, dmma: bool = False) -> None:
-    """Queue the tile kernel, then the mirror, on ``stream`` (a cupy stream): ``gram`` must be
-    zeroed (the tiles add into it), ``x`` contiguous. ``dmma``: the tensor-core tiles, for a
-    float64 ``gram`` (:func:`uses_dmma`); same grid and block. ``cp`` is the cupy module and
+def launch(cp, module, x: torch.Tensor, gram: torch.Tensor, shape: ConvGramShape, plan: LaunchPlan,
+           stream) -> None:
+    """Queue the plan's tile kernel, then the mirror, on ``stream`` (a cupy stream): ``gram``
+    must be zeroed (the tiles add into it) and of the plan's accumulation dtype, ``x``
+    contiguous; ``plan`` is :func:`.conv_launch.plan` of ``shape``. ``cp`` is the cupy module and
     ``module`` a :func:`_module` (or stand-ins, in the tests)."""
-    if dmma and gram.dtype != torch.float64:
+    if plan.dmma and gram.dtype != torch.float64:
         raise ValueError(f"the tensor-core tiles compute float64 Grams only, got {gram.dtype}")
-    tile = module.get_function(dmma_kernel_name(x.dtype) if dmma else tile_kernel_name(x.dtype, gram.dtype))
+    if gram.dtype != plan.acc_dtype:
+        raise ValueError(f"gram is {gram.dtype}, the launch plan accumulates in {plan.acc_dtype}")
+    tile = module.get_function(kernel_name(plan, x.dtype))
     mirror = module.get_function(mirror_kernel_name(gram.dtype))
-    tiles = -(-shape.width // TILE)
-    per_split = rows_per_split(upper_tile_count(tiles) * shape.groups, shape.rows, sm_count)
     packed = shape.pack()  # alive until the launch returns (the driver copies the arguments then)
     with stream:
         # zero-copy views; made on the stream they are used on, so DLPack adds no wait
         x_view, gram_view = cp.from_dlpack(x.detach()), cp.from_dlpack(gram)
-        tile(tile_grid(shape, per_split), (THREADS_PER_DIM, THREADS_PER_DIM),
-             (x_view, gram_view, packed, numpy.int64(per_split)))
-        mirror((mirror_blocks(shape.width, shape.groups),), (MIRROR_THREADS,),
-               (gram_view, numpy.int64(shape.width), numpy.int64(shape.groups)))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _capability_major(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
+        tile(plan.grid, plan.block, (x_view, gram_view, packed, numpy.int64(plan.rows_per_split)))
+        mirror(plan.mirror_grid, plan.mirror_block, (gram_view, numpy.int64(shape.width), numpy.int64(shape.groups)))
 
 
 def conv_gram(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
               padding: Sequence[int], dilation: Sequence[int], groups: int,
-              dtype: torch.dtype) -> torch.Tensor:
+              dtype: torch.dtype, *, plan: Optional[LaunchPlan] = None) -> torch.Tensor:
     """``torch.ops.sap_fast.conv_gram`` on CUDA, with the kernel compiled by NVRTC.
 
     Args:
@@ -336,12 +244,15 @@ def conv_gram(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int]
             both sides of each dim.
         groups: the conv's groups; must divide C.
         dtype: the accumulation and output dtype, torch.float32 or torch.float64.
+        plan: the launch (:func:`.conv_launch.plan` of this call); default: the plan for x's
+            device, the one the CMake-built op launches there.
 
     Returns:
         A new ``(groups, d, d)`` tensor on x's device, ``d = (C/groups)·prod(kernel_size)``,
-        exactly symmetric. A float64 Gram is computed on the FP64 tensor cores from sm_80 on
-        (:func:`uses_dmma`), as the CMake-built op does. With more than one split-K range per tile the atomics add in any
-        order, so the last bits vary run to run (as for the CMake-built kernel).
+        exactly symmetric. By default a float64 Gram runs on the FP64 tensor cores from sm_80 on
+        (``SAP_FAST_GRAM_DMMA``), as the CMake-built op's does. With more than one split-K range
+        per tile the atomics add in any order, so the last bits vary run to run (as for the
+        CMake-built kernel).
 
     Raises:
         RuntimeError: the op's one-line messages for bad arguments; or, on a machine where the
@@ -360,11 +271,13 @@ def conv_gram(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int]
         gram = torch.zeros((shape.groups, shape.width, shape.width), dtype=dtype, device=device)
         if shape.rows == 0 or shape.width == 0:  # no rows (N = 0) or no columns (C = 0): G = 0
             return gram
+        if plan is None:
+            plan = conv_launch.plan(shape, conv_launch.device_sm_count(device.index),
+                                    conv_launch.device_capability_major(device.index), dtype)
         x = x.contiguous()
         with cp.cuda.Device(device.index):
             stream = cupy_runtime.stream_of(cp, torch.cuda.current_stream(device))
-            launch(cp, _module("conv_gram_kernels.cuh"), x, gram, shape, _sm_count(device.index), stream,
-                   dmma=uses_dmma(dtype, _capability_major(device.index)))
+            launch(cp, _module("conv_gram_kernels.cuh"), x, gram, shape, plan, stream)
     return gram
 
 

@@ -45,7 +45,7 @@ def _skip_reason() -> str | None:
         return "no CUDA device: the CUDA kernels are tested on the GPU machine"
     if _LOAD_ERROR is not None:
         return f"sap_fast._C did not load ({_LOAD_ERROR}); pip install --no-build-isolation -e ."
-    missing = [op for op in ("conv_gram", "eigh") if not _has_cuda_kernel(op)]
+    missing = [op for op in ("conv_gram", "conv_gram_launch", "eigh") if not _has_cuda_kernel(op)]
     if missing:
         return (f"sap_fast._C has no CUDA kernel for {missing}: rebuild with a CUDA torch and nvcc "
                 "(SAP_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .)")
@@ -153,8 +153,11 @@ def test_conv_gram_tensor_core_tiles_match_the_fma_tiles_and_their_cpu_twin(name
     dmma = _conv_gram(x, args, torch.float64)
     monkeypatch.setenv("SAP_FAST_GRAM_DMMA", "0")
     fma = _conv_gram(x, args, torch.float64)
-    sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
-    twin = torch.ops.sap_fast.conv_gram_dmma_twin(x.cpu(), *args, sm_count)
+    from sap_fast.backends import conv_launch  # the launch plan the GPU ran, for the twin to run
+
+    shape = conv_launch.conv_gram_shape(x, *args, torch.float64)
+    rows_per_split = conv_launch.device_plan(shape, x.device, torch.float64).rows_per_split
+    twin = torch.ops.sap_fast.conv_gram_dmma_twin(x.cpu(), *args, rows_per_split)
     expected = unfold_gram(x, *args)
     for got in (dmma, fma):
         assert _max_rel(got, expected) <= F64_TOL and torch.equal(got, got.mT)
@@ -256,10 +259,57 @@ def test_conv_gram_rejects_bad_arguments_in_one_line(call, message):
     assert "\n" not in str(info.value).split("\nException raised from")[0].strip()
 
 
+def _launch(x, gram, rows_per_split=16, dmma=False, mirror=(1, 256), args=([3], [1], [0], [1], 1)):
+    torch.ops.sap_fast.conv_gram_launch(x, gram, *args, rows_per_split, dmma, *mirror)
+
+
+@requires_cuda_ops
+@pytest.mark.parametrize("call, message", [
+    (lambda: _launch(torch.randn(1, 2, 5), torch.empty(1, 6, 6, device="cuda")), "x must be a CUDA tensor"),
+    (lambda: _launch(torch.randn(1, 2, 5, device="cuda"), torch.empty(1, 6, 6)), "gram must be on x's device"),
+    (lambda: _launch(torch.randn(1, 2, 5, device="cuda"), torch.empty(1, 6, 6, device="cuda", dtype=torch.half)),
+     "gram .* must be float32 or float64"),
+    (lambda: _launch(torch.randn(1, 2, 5, device="cuda"), torch.empty(1, 6, 5, device="cuda")),
+     r"gram must be \(groups, d, d\) = \(1, 6, 6\)"),
+    (lambda: _launch(torch.randn(1, 5, 2, device="cuda").mT, torch.empty(1, 6, 6, device="cuda")),
+     "x must be contiguous"),
+    (lambda: _launch(torch.randn(1, 2, 5, device="cuda"), torch.empty(1, 6, 12, device="cuda")[:, :, :6]),
+     "gram must be contiguous"),
+    (lambda: _launch(torch.randn(1, 3, 5, device="cuda"), torch.empty(1, 9, 9, device="cuda"),
+                     args=([3], [1], [0], [1], 2)), "divide"),
+    (lambda: _launch(torch.randn(1, 2, 5, device="cuda"), torch.empty(1, 6, 6, device="cuda"), rows_per_split=8),
+     "rows_per_split must be a positive multiple of 16"),
+    (lambda: _launch(torch.randn(1, 2, 5, device="cuda"), torch.empty(1, 6, 6, device="cuda"), dmma=True),
+     "float64 Grams only"),
+    (lambda: _launch(torch.randn(1, 2, 5, device="cuda"), torch.empty(1, 6, 6, device="cuda"), mirror=(0, 256)),
+     "the mirror's grid"),
+    (lambda: _launch(torch.randn(1, 2, 5, device="cuda"), torch.empty(1, 6, 6, device="cuda"), mirror=(1, 2048)),
+     "the mirror's grid"),
+])
+def test_the_launch_op_rejects_bad_inputs_in_one_line(call, message):
+    with pytest.raises(RuntimeError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value).split("\nException raised from")[0].strip()
+
+
+@requires_cuda_ops
+@pytest.mark.parametrize("rows_per_split, mirror", [(16, (1, 32)), (48, (7, 256)), (4096, (65535, 1024))])
+def test_the_launch_op_writes_the_gram_for_any_valid_plan(rows_per_split, mirror):
+    """Any whole-chunk split and any mirror grid give the Gram, into a gram holding garbage."""
+    x, args = _gram_input("2d-odd-three-tiles", torch.float32)
+    gram = torch.full((1, 153, 153), float("nan"), dtype=torch.float64, device="cuda")
+    for dmma in (False, True):
+        torch.ops.sap_fast.conv_gram_launch(x, gram, *args, rows_per_split, dmma, *mirror)
+        assert _max_rel(gram, unfold_gram(x, *args)) <= F64_TOL and torch.equal(gram, gram.mT)
+
+
 @requires_cuda_ops
 def test_conv_gram_passes_opcheck():
     x = torch.randn(2, 4, 6, 5, device="cuda")
     torch.library.opcheck(torch.ops.sap_fast.conv_gram.default, (x, [3, 2], [2, 1], [1, 0], [1, 2], 2, torch.float64))
+    gram = torch.empty(2, 12, 12, dtype=torch.float64, device="cuda")
+    torch.library.opcheck(torch.ops.sap_fast.conv_gram_launch.default,
+                          (x, gram, [3, 2], [2, 1], [1, 0], [1, 2], 2, 16, True, 4, 256))
 
 
 # --------------------------------------------------------------------------------------------

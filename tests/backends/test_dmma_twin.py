@@ -5,9 +5,10 @@ own index code compiled by g++ (slab loads, m8n8k4 fragments, output cells, spli
 
 Held to the float64 oracle (sap_fast.reference's patch rows) on fresh random inputs: every conv
 case of the native CPU tests, odd shapes that leave ragged tiles and ragged chunks, several
-tiles, groups, and split-K ranges (the SM count sets them, as on a GPU). Tolerance 1e-12 of
-max |G| (the twin reorders exact float64 products). On a GPU, tests/backends/test_cuda_ops.py
-holds the kernel itself to the oracle and to this twin.
+tiles, groups, and split-K ranges: the twin takes the launch plan's rows_per_split
+(sap_fast.backends.conv_launch.plan for a GPU of that many SMs), so it runs the very grid a GPU
+would. Tolerance 1e-12 of max |G| (the twin reorders exact float64 products). On a GPU,
+tests/backends/test_cuda_ops.py holds the kernel itself to the oracle and to this twin.
 """
 import os
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from sap_fast import reference
 from sap_fast.backends import native as backend
-from sap_fast.backends import nvrtc
+from sap_fast.backends import conv_launch
 from sap_fast.backends.gram import _symmetric_padding
 from sap_fast.backends.info import backend_info
 from support import CONV_CASES
@@ -65,20 +66,29 @@ def _oracle(conv, x):
     return torch.stack([r.T @ r for r in rows])
 
 
-def _twin(conv, x, sm_count):
+def _plan(x, args, sm_count):
+    """The launch plan of a float64 Gram of this call on an sm_90 GPU with sm_count SMs."""
+    shape = conv_launch.conv_gram_shape(x, *args, torch.float64)
+    return conv_launch.plan(shape, sm_count, 9, torch.float64)
+
+
+def _twin_of(x, args, sm_count):
+    """The twin on the plan's row ranges for a GPU of sm_count SMs."""
+    return torch.ops.sap_fast.conv_gram_dmma_twin(x, *args, _plan(x, args, sm_count).rows_per_split)
+
+
+def _call(conv, x):
     x, padding = _symmetric_padding(conv, x)
-    return torch.ops.sap_fast.conv_gram_dmma_twin(x, list(conv.kernel_size), list(conv.stride), padding,
-                                                  list(conv.dilation), conv.groups, sm_count)
+    return x, (list(conv.kernel_size), list(conv.stride), padding, list(conv.dilation), conv.groups)
+
+
+def _twin(conv, x, sm_count):
+    return _twin_of(*_call(conv, x), sm_count)
 
 
 def _splits(conv, x, sm_count):
-    """Row ranges per tile the kernel's grid has for this call (nvrtc's copy of the launcher)."""
-    x, padding = _symmetric_padding(conv, x)
-    shape = nvrtc.conv_gram_shape(x, list(conv.kernel_size), list(conv.stride), padding, list(conv.dilation),
-                                  conv.groups, torch.float64)
-    tiles = -(-shape.width // nvrtc.TILE)
-    per = nvrtc.rows_per_split(nvrtc.upper_tile_count(tiles) * shape.groups, shape.rows, sm_count)
-    return nvrtc.tile_grid(shape, per)[2]
+    """Row ranges per tile the kernel's grid has for this call: the launch plan's."""
+    return _plan(*_call(conv, x), sm_count).splits
 
 
 def _max_rel(got, expected):
@@ -111,6 +121,16 @@ def test_the_twin_over_split_k_ranges_and_ragged_chunks(sm_count, splits):
     assert _max_rel(_twin(conv, x, sm_count), _oracle(conv, x)) <= 1e-12
 
 
+@pytest.mark.parametrize("rows_per_split", [16, 48, 512, 6352])
+def test_the_twin_holds_the_kernels_contract_for_any_whole_chunk_split(rows_per_split):
+    """Any rows_per_split the launch op accepts (whole chunks) covers every row once: one
+    chunk per range, ranges that end mid-chunk, one range for all 6345 rows."""
+    conv = nn.Conv2d(5, 2, 3, padding=1).double()
+    x = torch.randn(3, 5, 45, 47, generator=_fresh(rows_per_split), dtype=torch.float64)
+    got = torch.ops.sap_fast.conv_gram_dmma_twin(*_call(conv, x)[:1], *_call(conv, x)[1], rows_per_split)
+    assert _max_rel(got, _oracle(conv, x)) <= 1e-12 and torch.equal(got, got.mT)
+
+
 def test_the_twin_equals_the_cpu_kernel_of_the_same_op():
     """The twin and torch.ops.sap_fast.conv_gram (CPU, gathered rows and one GEMM per batch of
     them) compute the same Gram, by different roads."""
@@ -118,7 +138,7 @@ def test_the_twin_equals_the_cpu_kernel_of_the_same_op():
     x, padding = _symmetric_padding(conv, x)
     args = (list(conv.kernel_size), list(conv.stride), padding, list(conv.dilation), conv.groups)
     cpu = torch.ops.sap_fast.conv_gram(x, *args, torch.float64)
-    assert _max_rel(torch.ops.sap_fast.conv_gram_dmma_twin(x, *args, 4), cpu) <= 1e-13
+    assert _max_rel(_twin_of(x, args, 4), cpu) <= 1e-13
 
 
 def test_float32_input_is_accumulated_without_float32_rounding():
@@ -128,17 +148,22 @@ def test_float32_input_is_accumulated_without_float32_rounding():
 
 
 def test_an_empty_batch_or_no_channels_is_zero():
-    got = torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(0, 4, 5, 5), [3, 3], [1, 1], [1, 1], [1, 1], 2, 4)
+    got = _twin_of(torch.randn(0, 4, 5, 5), ([3, 3], [1, 1], [1, 1], [1, 1], 2), 4)
     assert got.shape == (2, 18, 18) and not got.any()
-    assert torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(2, 0, 5), [3], [1], [1], [1], 1, 4).shape == (1, 0, 0)
+    assert _twin_of(torch.randn(2, 0, 5), ([3], [1], [1], [1], 1), 4).shape == (1, 0, 0)
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(4, 5), [3], [1], [0], [1], 1, 4),
+    (lambda: torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(4, 5), [3], [1], [0], [1], 1, 16),
      "1 to 3 spatial dims"),
-    (lambda: torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(1, 3, 5), [3], [1], [0], [1], 2, 4), "divide"),
-    (lambda: torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(1, 2, 2), [3], [1], [0], [1], 1, 4), "no output"),
-    (lambda: torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(1, 2, 5), [3], [1], [0], [1], 1, -1), "sm_count"),
+    (lambda: torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(1, 3, 5), [3], [1], [0], [1], 2, 16), "divide"),
+    (lambda: torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(1, 2, 2), [3], [1], [0], [1], 1, 16), "no output"),
+    (lambda: torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(1, 2, 5), [3], [1], [0], [1], 1, -1),
+     "rows_per_split must be a positive multiple of 16"),
+    (lambda: torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(1, 2, 5), [3], [1], [0], [1], 1, 24),
+     "rows_per_split must be a positive multiple of 16"),
+    (lambda: torch.ops.sap_fast.conv_gram_dmma_twin(torch.randn(1, 1, 16 * 65535 + 1), [1], [1], [0], [1], 1, 16),
+     r"rows_per_split=16 cuts the 1048561 rows into 65536 ranges, more than gridDim.z allows \(65535\)"),
 ])
 def test_the_twin_rejects_bad_arguments_in_one_line(call, message):
     with pytest.raises(RuntimeError, match=message) as info:
@@ -149,7 +174,7 @@ def test_the_twin_rejects_bad_arguments_in_one_line(call, message):
 @pytest.mark.slow  # a few seconds: left out of the fast target
 def test_the_twin_passes_opcheck():
     x = torch.randn(2, 4, 6, 5)
-    torch.library.opcheck(torch.ops.sap_fast.conv_gram_dmma_twin.default, (x, [3, 2], [2, 1], [1, 0], [1, 2], 2, 4))
+    torch.library.opcheck(torch.ops.sap_fast.conv_gram_dmma_twin.default, (x, [3, 2], [2, 1], [1, 0], [1, 2], 2, 16))
 
 
 # ---------------------------------------------------------------------------------------------

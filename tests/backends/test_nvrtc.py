@@ -5,12 +5,14 @@ Without a GPU (this machine, CI):
 - the routing decision with the cupy route, and the switches;
 - where the kernel sources are found (an installed wheel's package data, a checkout), and that a
   built wheel ships them;
-- the instantiations, and the Python copies of the source's struct, tiling and launch geometry;
+- the instantiations, and the Python copy of the source's struct (the launch plan both routes
+  take is tests/backends/test_conv_launch.py's);
 - the NVRTC compile of the real sources for sm_80 and sm_90 (skipped, saying why, only where
   cupy or its NVRTC does not load);
 - the checks and one-line messages against the CMake-built op's (its CPU kernel shares them);
-- the launch path end to end against stand-in kernels that do what the .cuh kernels do, read
-  their arguments as the GPU would (the packed struct by its C layout), and check the grid;
+- the launch path end to end, from the launch plan, against stand-in kernels that do what the
+  .cuh kernels do, read their arguments as the GPU would (the packed struct by its C layout), and
+  check the grid;
 - the batched cuSOLVER argument handling (layouts, triangles, workspace, pointer array, info)
   against a stand-in binding that does what cuSOLVER documents, on host memory.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import itertools
 import math
 import os
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import sap_fast
-from sap_fast.backends import batched_linalg, cupy_runtime, nvrtc
+from sap_fast.backends import batched_linalg, conv_launch, cupy_runtime, nvrtc
 from sap_fast.backends import gram as gram_backend
 from sap_fast.backends.gram import route as gram_route
 from support import CONV_CASES, conv_case, rel_err, unfold_gram
@@ -167,7 +170,7 @@ def test_backend_info_says_whether_cupy_runs_why_not_and_for_which_stage(monkeyp
 
 
 # ---------------------------------------------------------------------------------------------
-# the sources: lookup, package data, instantiations, the Python copies of the source
+# the sources: lookup, package data, instantiations, the Python copy of the source's struct
 # ---------------------------------------------------------------------------------------------
 
 def test_sources_are_found_in_the_installed_package_first_then_in_the_checkout(tmp_path):
@@ -238,82 +241,34 @@ def test_the_instantiations_are_the_bindings_four_pairs_two_tensor_core_tiles_an
         f"{ns}mirror_upper_to_lower_kernel<double>")
     # every pair csrc/cuda/conv_gram.cu launches, and nothing else
     binding = open(os.path.join(ROOT, "csrc", "cuda", "conv_gram.cu")).read()
-    pairs = set(re.findall(r"launch<(float|double), (float|double)>\(", binding))
+    pairs = set(re.findall(r"launch_tiles<(float|double), (float|double)>\(", binding))
     ctype = {"float": F32, "double": F64}
     assert {nvrtc.tile_kernel_name(ctype[a], ctype[b]) for a, b in pairs} == set(names[:4])
     # the tensor-core tiles for each input of a float64 Gram, launched from the same function
     assert {nvrtc.dmma_kernel_name(ctype[a]) for a, b in pairs if b == "double"} == set(names[4:6])
-    assert "launch_conv_gram_dmma_tiles<scalar_t>(" in binding
+    assert "conv_gram_dmma_kernel<scalar_t, Tiling><<<" in binding
 
 
-def test_float64_grams_take_the_tensor_core_tiles_from_sm_80_unless_switched_off(monkeypatch):
+def test_the_plans_kernel_names_the_instantiation(monkeypatch):
+    """Which kernel NVRTC launches is the launch plan's choice (tests/backends/test_conv_launch.py
+    holds the choice itself: float64 from sm_80 on, SAP_FAST_GRAM_DMMA)."""
     monkeypatch.delenv("SAP_FAST_GRAM_DMMA", raising=False)
-    assert nvrtc.uses_dmma(F64, 8) and nvrtc.uses_dmma(F64, 9) and nvrtc.uses_dmma(F64, 10)
-    assert not nvrtc.uses_dmma(F64, 7) and not nvrtc.uses_dmma(F32, 9)
-    for value in ("0", "off", "OFF"):
-        monkeypatch.setenv("SAP_FAST_GRAM_DMMA", value)
-        assert not nvrtc.uses_dmma(F64, 9)
-    for value in ("", "auto", "1", "on"):
-        monkeypatch.setenv("SAP_FAST_GRAM_DMMA", value)
-        assert nvrtc.uses_dmma(F64, 9)
-    monkeypatch.setenv("SAP_FAST_GRAM_DMMA", "yes")
-    with pytest.raises(ValueError, match=r"^SAP_FAST_GRAM_DMMA='yes': use auto, 0 or 1$"):
-        nvrtc.uses_dmma(F64, 9)
-    # the CMake-built op reads the same switch, with the same threshold
-    binding = open(os.path.join(ROOT, "csrc", "cuda", "conv_gram.cu")).read()
-    assert 'std::getenv("SAP_FAST_GRAM_DMMA")' in binding
-    assert f"return major >= {nvrtc.DMMA_MIN_MAJOR} && dmma_allowed();" in binding
+    shape = nvrtc.conv_gram_shape(torch.empty(2, 5, 6, 6), [3, 3], [1, 1], [1, 1], [1, 1], 1, F64)
+    for major, acc, x_dtype, expected in [
+            (9, F64, F32, nvrtc.dmma_kernel_name(F32)), (8, F64, F64, nvrtc.dmma_kernel_name(F64)),
+            (7, F64, F32, nvrtc.tile_kernel_name(F32, F64)), (9, F32, F64, nvrtc.tile_kernel_name(F64, F32))]:
+        assert nvrtc.kernel_name(conv_launch.plan(shape, 132, major, acc), x_dtype) == expected
+    monkeypatch.setenv("SAP_FAST_GRAM_DMMA", "0")
+    assert nvrtc.kernel_name(conv_launch.plan(shape, 132, 9, F64), F32) == nvrtc.tile_kernel_name(F32, F64)
 
 
 def test_the_python_copies_of_the_struct_and_tiling_match_the_source():
     source = open(CUH).read()
     assert nvrtc.struct_fields_in(source) == list(nvrtc.SHAPE_FIELDS)
     assert nvrtc.SHAPE_DTYPE.itemsize == 8 * sum(n for _, n in nvrtc.SHAPE_FIELDS) == 208
-    assert nvrtc.default_tiling_in(source) == (nvrtc.TILE, nvrtc.CHUNK, nvrtc.THREADS_PER_DIM)
-    # the launcher constants the Python copy repeats
-    assert "constexpr int64_t kBlocksPerSm = 4;" in source
-    assert "constexpr int64_t kMinChunksPerSplit = 32;" in source
-    assert "constexpr int kThreads = 256;" in source  # the mirror's block
+    assert nvrtc.default_tiling_in(source) == (conv_launch.TILE, conv_launch.CHUNK, conv_launch.THREADS_PER_DIM)
     with pytest.raises(ValueError, match="unexpected member"):
         nvrtc.struct_fields_in("struct ConvGramShape {\n  int32_t batch;\n};")
-
-
-def test_the_host_launchers_are_hidden_from_nvrtc_only():
-    source = open(CUH).read()
-    host = source[source.rindex("#ifndef __CUDACC_RTC__"):source.rindex("#endif  // __CUDACC_RTC__")]
-    for name in ("choose_rows_per_split", "conv_gram_tile_grid", "conv_gram_grid_fits",
-                 "launch_conv_gram_tiles", "launch_mirror_upper_to_lower"):
-        assert f" {name}(" in host
-    assert "#include <cuda_runtime.h>" in source.split("#ifndef __CUDACC_RTC__", 1)[1].split("#endif")[0]
-
-
-def test_rows_per_split_copies_choose_rows_per_split():
-    # small row counts: one range (fewer than 32 chunks per range would be possible)
-    assert nvrtc.rows_per_split(tile_blocks=1, rows=100, sm_count=132) == 112
-    assert nvrtc.rows_per_split(1, 32 * 16 * 2 - 1, 132) == 1024   # rows // 512 = 1
-    # enough rows: about 4 blocks per SM, ranges in whole chunks
-    assert nvrtc.rows_per_split(1, 10 ** 6, 132) == math.ceil(10 ** 6 / 528 / 16) * 16
-    assert nvrtc.rows_per_split(6, 10 ** 6, 132) == math.ceil(10 ** 6 / 88 / 16) * 16
-    # many tiles already fill the GPU: one range
-    assert nvrtc.rows_per_split(10 ** 4, 10 ** 6, 132) == 10 ** 6
-    # at most 65535 ranges; sm_count 0 counts as 1
-    assert math.ceil(10 ** 12 / nvrtc.rows_per_split(1, 10 ** 12, 10 ** 6)) <= 65535
-    assert nvrtc.rows_per_split(1, 10 ** 6, 0) == nvrtc.rows_per_split(1, 10 ** 6, 1)
-    for rows, blocks, sms in itertools.product([1, 17, 5000, 123457], [1, 3, 50], [1, 8, 132]):
-        per = nvrtc.rows_per_split(blocks, rows, sms)
-        splits = math.ceil(rows / per)
-        assert per % nvrtc.CHUNK == 0 and (splits - 1) * per < rows  # no empty range
-
-
-def test_the_grid_and_mirror_geometry():
-    shape = nvrtc.conv_gram_shape(torch.empty(2, 8, 9, 9), [3, 3], [1, 1], [1, 1], [1, 1], 2, F64)
-    assert shape.width == 36 and shape.rows == 162
-    assert nvrtc.tile_grid(shape, per_split=64) == (1, 2, 3)
-    wide = nvrtc.conv_gram_shape(torch.empty(1, 17, 5, 5), [3, 3], [1, 1], [1, 1], [1, 1], 1, F64)
-    assert nvrtc.tile_grid(wide, per_split=32) == (6, 1, 1)  # d = 153: 3 tiles, 6 upper pairs
-    assert nvrtc.mirror_blocks(width=153, matrices=1) == math.ceil(153 * 153 / 256)
-    assert nvrtc.mirror_blocks(width=4096, matrices=4096) == 65535
-    assert nvrtc.mirror_blocks(width=1, matrices=1) == 1
 
 
 def test_the_shape_packs_in_the_structs_order():
@@ -471,12 +426,13 @@ class StandIns:
         ctype = {"float": F32, "double": F64}
         assert (ctype[types[0]], ctype[types[1]]) == (x.dtype, gram.dtype)
         assert types[2] == "sap_fast::cuda::DefaultGramTiling"
-        assert block == (nvrtc.THREADS_PER_DIM, nvrtc.THREADS_PER_DIM) and isinstance(per_split, numpy.int64)
+        assert block == (conv_launch.THREADS_PER_DIM, conv_launch.THREADS_PER_DIM)
+        assert isinstance(per_split, numpy.int64)
         s, per_split = self._shape(packed), int(per_split)
         assert x.is_contiguous() and x.numel() == s["batch"] * s["channels"] * math.prod(s["in_size"])
         # R of every group, rows in (sample, position) order, columns in weight order
         r = unfold_gram_rows(x.reshape(s["batch"], s["channels"], *s["in_size"]), s).to(gram.dtype)
-        tile, tiles = nvrtc.TILE, -(-s["width"] // nvrtc.TILE)
+        tile, tiles = conv_launch.TILE, -(-s["width"] // conv_launch.TILE)
         pairs = [(a, b) for a in range(tiles) for b in range(a, tiles)]
         assert grid == (len(pairs), s["groups"], -(-s["rows"] // per_split))
         for (a, b), group, split in itertools.product(pairs, range(grid[1]), range(grid[2])):
@@ -493,7 +449,8 @@ class StandIns:
         gram, width, matrices = args
         assert {"float": F32, "double": F64}[types[0]] == gram.dtype
         assert isinstance(width, numpy.int64) and (int(width), int(matrices)) == tuple(gram.shape[:2][::-1])
-        assert grid == (nvrtc.mirror_blocks(int(width), int(matrices)),) and block == (nvrtc.MIRROR_THREADS,)
+        assert grid == (conv_launch.mirror_blocks(int(width), int(matrices)),)
+        assert block == (conv_launch.MIRROR_THREADS,)
         lower = torch.ones(int(width), int(width), dtype=torch.bool).tril(-1)
         gram[:, lower] = gram.mT[:, lower]
         self.launches.append(("mirror", grid))
@@ -512,14 +469,14 @@ def unfold_gram_rows(x, s) -> torch.Tensor:
 
 def stand_in_conv_gram(x, kernel_size, stride, padding, dilation, groups, dtype, sm_count=2, stand_ins=None,
                        capability_major=9):
-    """:func:`nvrtc.conv_gram` on the CPU: its checks, allocation and launch, the kernels stood in,
-    on a device of that compute capability."""
+    """:func:`nvrtc.conv_gram` on the CPU: its checks, allocation, plan and launch, the kernels
+    stood in, on a device of that SM count and compute capability."""
     shape = nvrtc.conv_gram_shape(x, kernel_size, stride, padding, dilation, groups, dtype)
     gram = torch.zeros((shape.groups, shape.width, shape.width), dtype=dtype)
     if shape.rows and shape.width:
         stand_ins = stand_ins or StandIns()
-        nvrtc.launch(stand_ins, stand_ins, x.contiguous(), gram, shape, sm_count, contextlib.nullcontext(),
-                     dmma=nvrtc.uses_dmma(dtype, capability_major))
+        plan = conv_launch.plan(shape, sm_count, capability_major, dtype)
+        nvrtc.launch(stand_ins, stand_ins, x.contiguous(), gram, shape, plan, contextlib.nullcontext())
     return gram
 
 
@@ -563,13 +520,17 @@ def test_the_launch_takes_the_tensor_core_tiles_for_float64_from_sm_80(capabilit
         got = stand_in_conv_gram(x, [3, 3], [1, 1], [1, 1], [1, 1], 1, dtype, stand_ins=stand_ins,
                                  capability_major=capability_major)
         assert [step[0] for step in stand_ins.launches] == [expected, "mirror"]
-        assert stand_ins.launches[0][1] == nvrtc.tile_grid(nvrtc.conv_gram_shape(x, [3, 3], [1, 1], [1, 1], [1, 1],
-                                                                                 1, dtype), stand_ins.launches[0][2])
+        assert stand_ins.launches[0][1] == conv_launch.tile_grid(
+            nvrtc.conv_gram_shape(x, [3, 3], [1, 1], [1, 1], [1, 1], 1, dtype), stand_ins.launches[0][2])
         assert rel_err(got, unfold_gram(x, [3, 3], [1, 1], [1, 1], [1, 1], 1)) <= 1e-5
     shape = nvrtc.conv_gram_shape(x, [3, 3], [1, 1], [1, 1], [1, 1], 1, F32)
+    dmma_plan = dataclasses.replace(conv_launch.plan(shape, 2, 9, F32), kernel="dmma")
     with pytest.raises(ValueError, match="float64 Grams only"):
-        nvrtc.launch(StandIns(), StandIns(), x.float(), torch.zeros(1, 45, 45), shape, 2, contextlib.nullcontext(),
-                     dmma=True)
+        nvrtc.launch(StandIns(), StandIns(), x.float(), torch.zeros(1, 45, 45), shape, dmma_plan,
+                     contextlib.nullcontext())
+    with pytest.raises(ValueError, match=r"^gram is torch.float64, the launch plan accumulates in torch.float32$"):
+        nvrtc.launch(StandIns(), StandIns(), x.float(), torch.zeros(1, 45, 45, dtype=F64), shape,
+                     conv_launch.plan(shape, 2, 9, F32), contextlib.nullcontext())
 
 
 def test_an_empty_batch_or_no_channels_launches_nothing():
@@ -848,9 +809,7 @@ def test_gpu_nvrtc_kernel_matches_the_oracle_and_the_cmake_built_kernel(name, dt
     if _has_cmake_cuda_op():
         cmake = torch.ops.sap_fast.conv_gram(x, *args, dtypes[1])
         shape = nvrtc.conv_gram_shape(x, *args, dtypes[1])
-        tiles = -(-shape.width // nvrtc.TILE)
-        per = nvrtc.rows_per_split(tiles * (tiles + 1) // 2 * shape.groups, shape.rows,
-                                   torch.cuda.get_device_properties(x.device).multi_processor_count)
+        per = conv_launch.device_plan(shape, x.device, dtypes[1]).rows_per_split
         if dtypes[1] == F64 and per >= shape.rows:
             assert torch.equal(got, cmake), "NVRTC and nvcc builds differ bitwise"
         else:
@@ -892,6 +851,21 @@ def test_gpu_nvrtc_kernel_runs_on_the_current_stream_without_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     side.synchronize()  # only the side stream: the kernels must have been queued there
     assert rel_err(got.cpu(), unfold_gram(x.cpu(), *args)) <= 1e-12
+
+
+@requires_cupy_gpu
+def test_gpu_nvrtc_kernel_runs_the_plan_it_is_given():
+    """Other whole-chunk splits than the default plan's, on both tile kernels: the same Gram."""
+    batch, channels, size, kernel, stride, padding, dilation, groups = LAUNCH_CASES["2d-many-rows-split-k"]
+    x = torch.randn(batch, channels, *size, dtype=F32, device="cuda")
+    args = (list(kernel), list(stride), list(padding), list(dilation), groups)
+    shape = nvrtc.conv_gram_shape(x, *args, F64)
+    default = conv_launch.device_plan(shape, x.device, F64)
+    for rows_per_split, kernel_kind in itertools.product([16, 48, -(-shape.rows // 16) * 16], ["fma", "dmma"]):
+        plan = dataclasses.replace(default, kernel=kernel_kind, rows_per_split=rows_per_split,
+                                   grid=conv_launch.tile_grid(shape, rows_per_split))
+        got = nvrtc.conv_gram(x, *args, F64, plan=plan)
+        assert rel_err(got.cpu(), unfold_gram(x.cpu(), *args)) <= 1e-12, (rows_per_split, kernel_kind)
 
 
 @requires_cupy_gpu
