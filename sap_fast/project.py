@@ -22,7 +22,7 @@ from torch import nn
 from . import distributed, solve
 from ._runtime import checks
 from ._runtime.checks import RunOptions
-from ._runtime.layers import Target, select_targets
+from .targets import Target, select_targets
 from .accumulate import collect, first_non_finite
 from .backends import triton
 from .spectrum import LayerSpectrum, decompose, importance
