@@ -139,13 +139,17 @@ def alpha(value, name: str = "alpha") -> float:
     return float(value)
 
 
-SOLVERS = ("eigh", "cholesky")
+SOLVERS = ("eigh", "cholesky")  # and "auto": resolved by sap_fast.project.resolve_solver
 
 
 def solver(value) -> str:
+    """``"auto"``, ``"eigh"`` or ``"cholesky"``."""
+    if isinstance(value, str) and value == "auto":
+        return value
     return choice(value, "solver", SOLVERS,
                   hint=" ('eigh': one eigendecomposition shared by every α; 'cholesky': one "
-                       "factorisation per α, no spectrum)")
+                       "factorisation per α, no spectrum) or 'auto' (the default: 'cholesky' for "
+                       "one α, 'eigh' for several α or spectra)")
 
 
 def plain_model(value) -> nn.Module:
