@@ -15,6 +15,8 @@ import torch
 from ._runtime.checks import first_line, torch_load_problem
 from ._runtime.io import atomic_write
 
+__all__ = ["FORMAT", "VERSION", "LayerStats", "Stats"]
+
 FORMAT = "sap_fast.stats"
 VERSION = 1
 

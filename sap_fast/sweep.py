@@ -23,6 +23,8 @@ from ._runtime.forward import progress
 from .project import Projector, build_projector, given_or_collected, resolve_solver, targets_with_stats
 from .stats import Stats
 
+__all__ = ["DEFAULT_ALPHAS", "SweepRow", "SweepResult", "sweep"]
+
 DEFAULT_ALPHAS = tuple(10.0 ** (e / 2) for e in range(2, 13))  # 1e1 … 1e6 in half-decades
 GOLDEN = (math.sqrt(5) - 1) / 2
 

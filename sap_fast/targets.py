@@ -20,6 +20,9 @@ from torch import nn
 
 from ._runtime.checks import plain_model
 
+__all__ = ["CONV_TYPES", "COVERED", "Target", "module_targets", "all_targets", "select_targets",
+           "input_fits"]
+
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 COVERED = "nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention"
 

@@ -51,6 +51,9 @@ from .data import Preprocess, TensorFile, check_first, data_path, loader, open_d
 from .load import LoadError, load_model, model_path, save_weights
 from .outputs import PARTIAL, Outputs
 
+__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "OUTPUT_RULES", "add_arguments", "CONFLICTS", "Scoring",
+           "Clock", "Data", "Selection", "Choice", "run"]
+
 CHECKPOINT_EVERY = 5000
 DEFAULTS = {"alphas": "grid", "trusted": 1000, "score": "loss", "checkpoint_every": CHECKPOINT_EVERY}
 OUTPUT_RULES = ("Outputs are written into a staging folder beside --out and swapped in as one step: --out holds "
