@@ -41,7 +41,7 @@ class LayerStats:
         if self._gram is None and self.count <= self.d:
             self._chunks.append(chunk)
             return
-        self._switch_to_gram()  # the rows now outnumber the width: the Gram is the smaller summary
+        self._switch_to_gram()  # the rows outnumber the width: the Gram is the smaller summary
         self._gram.baddbmm_(chunk.transpose(1, 2), chunk)
 
     def add_gram(self, gram: torch.Tensor, rows: int) -> None:

@@ -251,7 +251,7 @@ def test_any_strides_without_copy(device, monkeypatch):
 @devices_param(DEVICES)
 @modes_param(MODE_OF.values())
 def test_float64_input(precision, device):
-    """float64 x: fp64 mode multiplies it as is (products round now: still ~eps64), fp32 mode
+    """float64 x: fp64 mode multiplies it as is (float64 products round: still ~eps64), fp32 mode
     rounds it to fp32 first."""
     geo, launch = geometry("2d-k3-s2-p1-split3")
     x = make_x("2d-k3-s2-p1-split3", seed=5, device=device, dtype=torch.float64)

@@ -134,7 +134,7 @@ def test_large_alpha_gives_projector_onto_input_span(rows, alpha, tol):
     fast = sap_fast.correct(model, x, alpha=alpha)
     expected = model[0].weight.detach() @ (basis @ basis.T)
     assert rel_err(fast[0].weight.detach(), expected) <= tol
-    # the corrected layer maps every trusted input as before, and kills the orthogonal complement
+    # the corrected layer maps every trusted input as the original does, and kills the orthogonal complement
     assert rel_err(fast(x), model(x)) <= tol
     null = torch.linalg.qr(torch.cat([basis, torch.randn(12, 8, dtype=torch.float64)], 1))[0][:, 4:]
     assert fast[0].weight.detach().matmul(null).norm() <= tol * model[0].weight.norm()
