@@ -68,9 +68,9 @@ def resolve_solver(solver: str, *, alphas: Optional[int], spectra: bool = False)
     α-independent cost that several α share (after it each α is one matmul per layer), and it
     is the spectrum a report plots; the Cholesky route pays its factorisation per α and has no
     spectrum. Measured on a 2-core CPU (``benchmarks/results/solvers-cpu.json``, float64,
-    d = 576 to 4608): for one α Cholesky is 5.6 to 9.6× faster, over the 11-α default grid the
-    two are within 0.95 to 1.47× of each other, and a spectrum on the Cholesky route costs the
-    eigendecomposition on top.
+    d = 576 to 4608): for one α Cholesky is 5.6 to 9.6× faster; over the 11-α default grid the
+    two are about even (Cholesky 0.95 to 1.47× as fast), and there the spectra come free with
+    the eigendecomposition, while on the Cholesky route they cost it on top.
 
     Args:
         solver: ``"auto"``, ``"eigh"`` or ``"cholesky"`` (checked here).
@@ -114,7 +114,7 @@ class Projector:
         check_given_stats(stats)
         built = build_projector(model, targets_with_stats(model, layers, stats), stats,
                                 resolve_solver(solver, alphas=None), checks.resolve_group(process_group))
-        vars(self).update(vars(built))  # the builder's projector is this one
+        vars(self).update(vars(built))  # this projector takes the built one's state
 
     # -- spectra -----------------------------------------------------------------------------
     @property
