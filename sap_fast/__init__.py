@@ -1,7 +1,7 @@
 """sap_fast: Scaled Activation Projection (SAP) — one-shot correction of models trained on noisy labels.
 
-The pipeline, one module per stage: :func:`select_trusted` (:mod:`.select`) → hooks
-(:mod:`.capture`) → :func:`collect_stats` (:mod:`.accumulate`, :class:`Stats` in :mod:`.stats`)
+The pipeline, one module per stage: :func:`select_trusted` (:mod:`.select`) → the covered
+layers (:mod:`.targets`) and their hooks (:mod:`.capture`) → :func:`collect_stats` (:mod:`.accumulate`, :class:`Stats` in :mod:`.stats`)
 → spectra (:mod:`.spectrum`) or the Cholesky solve (:mod:`.solve`) → the update
 (:class:`Projector`, :func:`correct`; :mod:`.project`) → :func:`sweep` to choose α
 (:mod:`.sweep`); :mod:`.distributed` runs every stage over ``torch.distributed``.
@@ -10,7 +10,7 @@ The method step by step, its defaults and where they depart from the official co
 ``docs/methods.md#sap``; what it costs on ResNet-50 and ViT-B/16: ``docs/cost-census.md``.
 
 Below the core: :mod:`sap_fast.backends` (which kernel serves each stage, and the call) and
-``sap_fast._runtime`` (running the model, data forms, layer coverage, checks, file writes).
+``sap_fast._runtime`` (running the model, data forms, checks, file writes).
 Above it: :mod:`sap_fast.cli` (the ``sap-fast`` command), :mod:`sap_fast.experiments` (digits,
 label noise, the demo, the comparison harness) and :mod:`sap_fast.baselines`.
 """

@@ -28,7 +28,7 @@ from ._runtime import checks
 from ._runtime.checks import RunOptions
 from ._runtime.forward import forward_batches
 from ._runtime.geometry import conv_patches, conv_rows
-from ._runtime.layers import CONV_TYPES, Target, select_targets
+from .targets import CONV_TYPES, Target, select_targets
 from .backends import gram as gram_backend
 from .backends.precision import INPUT_PRECISIONS, round_inputs
 from .capture import Capture

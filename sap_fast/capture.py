@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._runtime.layers import Target, input_fits
+from .targets import Target, input_fits
+
+__all__ = ["Sink", "heads_before_out_proj", "Capture"]
 
 # sink(targets, module, x): ``x`` is the input of every target in ``targets`` (several when one
 # tensor feeds the q/k/v blocks of a self-attention layer, so its rows are formed only once)

@@ -36,6 +36,11 @@ import torch.distributed as dist
 from ._runtime.checks import first_line, positive_int, resolve_group  # noqa: F401  (resolve_group: public here too)
 from .stats import LayerStats, Stats
 
+__all__ = ["BUCKET_BYTES", "PACK_TRIANGLES", "rank", "world_size", "pack_triangles", "comm_device",
+           "exchange", "piece_elements", "plan_calls", "all_reduce_sum", "broadcast",
+           "all_gather_rows", "owners", "spread", "shard", "local_positions", "LayerLayout",
+           "RankLayout", "layout", "reduce_stats"]
+
 BUCKET_BYTES = 64 << 20  # bytes per collective: bounds the extra memory, amortises the latency
 # Send only the Grams' upper triangles (half the bytes)? None = on NCCL only: GPUs pack at memory
 # speed and the links are the bottleneck; on CPUs the packing cost more than it saved over gloo

@@ -8,7 +8,10 @@ never costs a ``d × d`` temporary. With a full basis the numerically careful fo
 :class:`Projector` owns the one decomposition of a run: built once from the statistics, it gives
 the corrected weights at any α (:meth:`Projector.weights`), writes them into a model
 (:meth:`Projector.apply`), and hands out the spectra for reports (:attr:`Projector.spectra`),
-computing them only when the solve route was used and only when asked.
+computing them only when the solve route was used and only when asked. :func:`build_projector`
+builds every projector, on arguments checked once at the public boundary (:class:`Projector`,
+:func:`correct`, :func:`sap_fast.sweep`); :func:`resolve_solver` holds the one rule for
+``solver="auto"``, the default everywhere.
 """
 from __future__ import annotations
 
@@ -16,13 +19,16 @@ import copy
 import warnings
 from typing import Dict, List, Optional
 
+__all__ = ["Projector", "correct", "resolve_solver", "build_projector", "projected_weight",
+           "targets_with_stats", "given_or_collected", "check_given_stats"]
+
 import torch
 from torch import nn
 
 from . import distributed, solve
 from ._runtime import checks
 from ._runtime.checks import RunOptions
-from ._runtime.layers import Target, select_targets
+from .targets import Target, select_targets
 from .accumulate import collect, first_non_finite
 from .backends import triton
 from .spectrum import LayerSpectrum, decompose, importance
@@ -53,6 +59,30 @@ def projected_weight(weight: torch.Tensor, spectrum: LayerSpectrum, alpha: float
                                                               full=spectrum.full), portable)
 
 
+def resolve_solver(solver: str, *, alphas: Optional[int], spectra: bool = False) -> str:
+    """The solver a run uses: ``"eigh"`` or ``"cholesky"`` as given, or the one for ``"auto"``.
+
+    The rule for ``"auto"`` (the default of :func:`correct`, :func:`sap_fast.sweep`,
+    :class:`Projector` and ``sap-fast correct``): ``"cholesky"`` where exactly one α is applied
+    and no spectrum is reported, ``"eigh"`` everywhere else. The eigendecomposition is the one
+    α-independent cost that several α share (after it each α is one matmul per layer), and it
+    is the spectrum a report plots; the Cholesky route pays its factorisation per α and has no
+    spectrum. Measured on a 2-core CPU (``benchmarks/results/solvers-cpu.json``, float64,
+    d = 576 to 4608): for one α Cholesky is 5.6 to 9.6× faster; over the 11-α default grid the
+    two are about even (Cholesky 0.95 to 1.47× as fast), and there the spectra come free with
+    the eigendecomposition, while on the Cholesky route they cost it on top.
+
+    Args:
+        solver: ``"auto"``, ``"eigh"`` or ``"cholesky"`` (checked here).
+        alphas: how many α the run applies; None = any number, on demand (a :class:`Projector`).
+        spectra: whether the run reports the layers' spectra.
+    """
+    solver = checks.solver(solver)
+    if solver != "auto":
+        return solver
+    return "cholesky" if alphas == 1 and not spectra else "eigh"
+
+
 class Projector:
     """SAP's projection of one model, prepared once from its statistics; any α on demand.
 
@@ -60,9 +90,11 @@ class Projector:
         model: the model the statistics were collected from (its weights are read, never changed).
         stats: :class:`Stats` from :func:`sap_fast.collect_stats`.
         layers: which layers to project (None = every covered layer the stats hold).
-        solver: ``"eigh"`` (default): one eigendecomposition per layer, computed here, then one
-            matmul per layer per α; or ``"cholesky"``: ``G/trG`` and ``G/trG · Wᵀ`` per layer,
-            then one Cholesky solve per layer per α (:mod:`sap_fast.solve`), no eigendecomposition.
+        solver: ``"auto"`` (default; :func:`resolve_solver`): ``"eigh"`` here, since a projector
+            serves any number of α and its spectra; ``"eigh"``: one eigendecomposition per
+            layer, computed here, then one matmul per layer per α; or ``"cholesky"``: ``G/trG``
+            and ``G/trG · Wᵀ`` per layer, then one Cholesky solve per layer per α
+            (:mod:`sap_fast.solve`), no eigendecomposition.
         process_group: as in :func:`sap_fast.correct` (the decompositions or solves are spread
             over the ranks and broadcast, so every rank gets identical weights).
 
@@ -72,41 +104,17 @@ class Projector:
     :attr:`has_spectra` tells which, so a report can skip a decomposition nobody asked for.
     """
 
-    def __init__(self, model: nn.Module, stats: Stats, *, layers=None, solver: str = "eigh",
+    targets: List[Target]
+    solver: str  # "eigh" or "cholesky", as resolve_solver resolved it
+    group: object
+
+    def __init__(self, model: nn.Module, stats: Stats, *, layers=None, solver: str = "auto",
                  process_group=None):
         checks.finite_parameters(checks.plain_model(model))
         check_given_stats(stats)
-        self._setup(model, targets_with_stats(model, layers, stats), stats, checks.solver(solver),
-                    checks.resolve_group(process_group))
-
-    @classmethod
-    def _prepared(cls, model: nn.Module, targets: List[Target], stats: Stats, solver: str,
-                  group) -> "Projector":
-        """A projector on arguments the caller has already checked and resolved."""
-        self = cls.__new__(cls)
-        self._setup(model, targets, stats, solver, group)
-        return self
-
-    def _setup(self, model, targets, stats, solver, group) -> None:
-        modules = dict(model.named_modules())
-        self.targets: List[Target] = targets
-        self.solver = solver
-        self.group = group
-        self._stats = stats
-        self._spectra: Optional[Dict[str, LayerSpectrum]] = None
-        self._original: Dict[str, torch.Tensor] = {}
-        self._weight_bases: Dict[str, torch.Tensor] = {}
-        self._solves: Dict[str, solve.LayerSolve] = {}
-        self._normalised: Dict[int, tuple] = {}
-        names = [t.name for t in targets]
-        if solver == "eigh":
-            self._spectra = decompose(stats, names, group)
-        for t in targets:
-            device = stats[t.name].device if self._spectra is None else self._spectra[t.name].basis.device
-            w = t.weight(modules).detach().to(device=device, dtype=torch.float64)
-            self._original[t.name] = w
-            if self._spectra is not None:
-                self._weight_bases[t.name] = w @ self._spectra[t.name].basis
+        built = build_projector(model, targets_with_stats(model, layers, stats), stats,
+                                resolve_solver(solver, alphas=None), checks.resolve_group(process_group))
+        vars(self).update(vars(built))  # this projector takes the built one's state
 
     # -- spectra -----------------------------------------------------------------------------
     @property
@@ -174,6 +182,34 @@ class Projector:
         return {n: r[0] for n, r in zip(names, results)}
 
 
+def build_projector(model: nn.Module, targets: List[Target], stats: Stats, solver: str,
+                    group) -> Projector:
+    """The one builder of a :class:`Projector`, on arguments checked and resolved at the public
+    boundary (:class:`Projector`, :func:`correct`, :func:`sap_fast.sweep`): ``targets`` from
+    :func:`targets_with_stats`, ``solver`` from :func:`resolve_solver` (``"eigh"`` or
+    ``"cholesky"``), ``group`` a resolved process group or None. With ``"eigh"`` the
+    decompositions run here; with ``"cholesky"`` the solves are set up on first use."""
+    projector = Projector.__new__(Projector)
+    modules = dict(model.named_modules())
+    projector.targets = targets
+    projector.solver = solver
+    projector.group = group
+    projector._stats = stats
+    projector._spectra = decompose(stats, [t.name for t in targets], group) if solver == "eigh" else None
+    projector._original = {}
+    projector._weight_bases = {}
+    projector._solves = {}
+    projector._normalised = {}
+    spectra = projector._spectra
+    for t in targets:
+        device = stats[t.name].device if spectra is None else spectra[t.name].basis.device
+        w = t.weight(modules).detach().to(device=device, dtype=torch.float64)
+        projector._original[t.name] = w
+        if spectra is not None:
+            projector._weight_bases[t.name] = w @ spectra[t.name].basis
+    return projector
+
+
 def targets_with_stats(model: nn.Module, layers, stats: Stats) -> List[Target]:
     """The selected targets that ``stats`` covers; a mismatch in width or groups is an error."""
     targets = select_targets(model, layers)
@@ -226,7 +262,7 @@ def check_given_stats(stats) -> Stats:
 
 def correct(model: nn.Module, data=None, *, alpha: float = 30000.0, stats: Optional[Stats] = None,
             layers=None, inplace: bool = False, batch_size: int = 256, device=None,
-            process_group=None, solver: str = "cholesky") -> nn.Module:
+            process_group=None, solver: str = "auto") -> nn.Module:
     """SAP: project every covered layer's weight onto the trusted samples' activation space.
 
     Args:
@@ -243,20 +279,21 @@ def correct(model: nn.Module, data=None, *, alpha: float = 30000.0, stats: Optio
             ``data`` is this rank's shard of the trusted samples (or ``stats`` the Stats every rank
             got from :func:`collect_stats`), the spectra are spread over the ranks and broadcast,
             and every rank gets identical weights (the model must be the same on every rank).
-        solver: ``"cholesky"`` (default: one Cholesky solve per layer, no eigendecomposition;
-            :mod:`sap_fast.solve`) or ``"eigh"`` (the eigendecomposition route). Both give the
-            same weights to round-off (the test suite's ``test_solve.py``).
+        solver: ``"auto"`` (default; :func:`resolve_solver`): ``"cholesky"`` here, since one α
+            is applied and no spectrum is reported; ``"cholesky"``: one Cholesky solve per
+            layer, no eigendecomposition (:mod:`sap_fast.solve`); or ``"eigh"``: the
+            eigendecomposition route. Both give the same weights to round-off (the test
+            suite's ``test_solve.py``).
 
     Returns:
         The corrected model (``model`` itself when ``inplace=True``). For the projector itself
         (its spectra, or several α), build a :class:`Projector`.
     """
     alpha = checks.alpha(alpha)
-    solver = checks.solver(solver)
+    solver = resolve_solver(solver, alphas=1)
     opts = checks.run_options(model, device=device, batch_size=batch_size, process_group=process_group)
     stats = given_or_collected(model, data, stats, layers, opts)
-    projector = Projector._prepared(model, targets_with_stats(model, layers, stats), stats, solver,
-                                    opts.group)
+    projector = build_projector(model, targets_with_stats(model, layers, stats), stats, solver, opts.group)
     out = model if inplace else copy.deepcopy(model)
     projector.apply(out, alpha)
     return out

@@ -23,6 +23,9 @@ from ._runtime.data import batches, num_samples, subset
 from ._runtime.evaluate import check_targets, classifier_logits, finite_scores, non_finite_logits
 from ._runtime.forward import eval_mode, forward_batches
 
+__all__ = ["SCORES", "sample_scores", "lowest_per_class", "candidate_ids", "select_trusted",
+           "select_suspects"]
+
 SCORES = ("loss", "curvature")
 
 

@@ -15,6 +15,8 @@ import torch
 from ._runtime.checks import first_line, torch_load_problem
 from ._runtime.io import atomic_write
 
+__all__ = ["FORMAT", "VERSION", "LayerStats", "Stats"]
+
 FORMAT = "sap_fast.stats"
 VERSION = 1
 
@@ -39,7 +41,7 @@ class LayerStats:
         if self._gram is None and self.count <= self.d:
             self._chunks.append(chunk)
             return
-        self._switch_to_gram()  # the rows now outnumber the width: the Gram is the smaller summary
+        self._switch_to_gram()  # the rows outnumber the width: the Gram is the smaller summary
         self._gram.baddbmm_(chunk.transpose(1, 2), chunk)
 
     def add_gram(self, gram: torch.Tensor, rows: int) -> None:

@@ -20,8 +20,10 @@ from . import distributed
 from ._runtime import checks
 from ._runtime.evaluate import Evaluation, evaluation_sums
 from ._runtime.forward import progress
-from .project import Projector, given_or_collected, targets_with_stats
+from .project import Projector, build_projector, given_or_collected, resolve_solver, targets_with_stats
 from .stats import Stats
+
+__all__ = ["DEFAULT_ALPHAS", "SweepRow", "SweepResult", "sweep"]
 
 DEFAULT_ALPHAS = tuple(10.0 ** (e / 2) for e in range(2, 13))  # 1e1 … 1e6 in half-decades
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -80,7 +82,7 @@ def _check_alphas(alphas) -> tuple:
 def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = None,
           layers=None, batch_size: int = 256, device=None, refine_steps: int = 8,
           show_progress: Optional[bool] = None, process_group=None,
-          solver: str = "eigh", amp=None) -> SweepResult:
+          solver: str = "auto", amp=None) -> SweepResult:
     """Pick α on the (noisy) validation split ``val``.
 
     Args:
@@ -96,10 +98,12 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
             shards (``val`` may also be the whole split on every rank, or empty on some); the
             validation counts are summed over the ranks, so every rank picks the same α and
             ends with identical weights.
-        solver: ``"eigh"`` (default: one eigendecomposition per layer, then one matmul per
-            layer per α) or ``"cholesky"`` (one Cholesky solve per layer per α, no
-            eigendecomposition; :mod:`sap_fast.solve`). Same weights to round-off;
-            benchmarks/README.md has which is faster where.
+        solver: ``"auto"`` (default; :func:`sap_fast.project.resolve_solver`): ``"eigh"`` when
+            the sweep applies several α (the default grid: 11), ``"cholesky"`` for a single α;
+            ``"eigh"``: one eigendecomposition per layer, then one matmul per layer per α; or
+            ``"cholesky"``: one Cholesky solve per layer per α, no eigendecomposition
+            (:mod:`sap_fast.solve`). Same weights to round-off; benchmarks/README.md has which
+            is faster where.
         amp: ``"bf16"`` or ``"fp16"``: the validation passes run under ``torch.autocast`` in
             that dtype (faster on a GPU; the statistics are never collected under it); None
             (default) runs the model as it is.
@@ -111,14 +115,13 @@ def sweep(model: nn.Module, data, val, *, alphas=None, stats: Optional[Stats] = 
         with no second decomposition).
     """
     grid = _check_alphas(alphas)
-    solver = checks.solver(solver)
     checks.positive_int(refine_steps, "refine_steps", minimum=2)
+    solver = resolve_solver(solver, alphas=len(set(grid)) + (refine_steps if _is_auto(alphas) else 0))
     opts = checks.run_options(model, device=device, batch_size=batch_size,
                               process_group=process_group, show_progress=show_progress, amp=amp)
     stats = given_or_collected(model, data, stats, layers, opts)
     started = time.perf_counter()
-    projector = Projector._prepared(model, targets_with_stats(model, layers, stats), stats, solver,
-                                    opts.group)
+    projector = build_projector(model, targets_with_stats(model, layers, stats), stats, solver, opts.group)
     prepare_seconds = time.perf_counter() - started
     work = copy.deepcopy(model)
     table: List[SweepRow] = []

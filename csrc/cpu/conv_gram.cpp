@@ -7,6 +7,11 @@
 //                  (csrc/cuda/conv_gram.cu, same schema and contract), kept so the op has a CPU
 //                  implementation that tests/backends/test_native_cpu.py holds to the oracle and
 //                  to opcheck, and that benchmarks/bench_native_cpu.py times as "tiled".
+//                  benchmarks/cpu_conv_gram.py times it against the streamed rows on the convs
+//                  the shift form does not serve (benchmarks/results/cpu-conv-gram.json): for a
+//                  float64 Gram of float32 inputs it is faster and smaller on strided convs with
+//                  a kernel larger than 1 (it never holds an unfolded chunk), slower on 1x1 convs
+//                  (there unfold is a reshape and the rows a single GEMM).
 // conv_gram_shift  stride-1 convs only: every block G[(c,i),(c',j)] depends on the two kernel
 //                  offsets only through δ = o_j − o_i, up to the image border. So the Gram is
 //                  assembled from the (2k−1)^n channel cross-correlations

@@ -19,6 +19,12 @@ import torch.distributed as dist
 from torch import nn
 
 
+__all__ = ["first_line", "torch_load_problem", "NonFiniteSample", "first_non_finite_tensor",
+           "finite_parameters", "non_finite_kind", "number", "positive_int", "choice", "alpha",
+           "SOLVERS", "solver", "plain_model", "model_device", "resolve_device", "resolve_group",
+           "AMP", "amp_dtype", "RunOptions", "run_options"]
+
+
 def first_line(err: BaseException) -> str:
     """An exception's message on one line (its first), or its type's name when it has none: what
     every one-line error that reports another error quotes."""
@@ -139,13 +145,17 @@ def alpha(value, name: str = "alpha") -> float:
     return float(value)
 
 
-SOLVERS = ("eigh", "cholesky")
+SOLVERS = ("eigh", "cholesky")  # and "auto": resolved by sap_fast.project.resolve_solver
 
 
 def solver(value) -> str:
+    """``"auto"``, ``"eigh"`` or ``"cholesky"``."""
+    if isinstance(value, str) and value == "auto":
+        return value
     return choice(value, "solver", SOLVERS,
                   hint=" ('eigh': one eigendecomposition shared by every α; 'cholesky': one "
-                       "factorisation per α, no spectrum)")
+                       "factorisation per α, no spectrum) or 'auto' (the default: 'cholesky' for "
+                       "one α, 'eigh' for several α or spectra)")
 
 
 def plain_model(value) -> nn.Module:

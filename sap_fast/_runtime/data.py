@@ -12,6 +12,8 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+__all__ = ["Batch", "is_pair", "split_item", "batches", "num_samples", "subset"]
+
 Batch = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 

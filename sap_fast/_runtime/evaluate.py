@@ -13,6 +13,10 @@ from . import checks
 from .forward import forward_batches
 
 
+__all__ = ["classifier_logits", "check_targets", "Evaluation", "EvaluationSums", "evaluate",
+           "evaluation_sums", "finite_scores", "non_finite_logits"]
+
+
 def classifier_logits(out, what: str = "data") -> torch.Tensor:
     """The ``(N, classes)`` logits of a classifier's output (a tensor, or a tuple led by one)."""
     if isinstance(out, (tuple, list)):

@@ -15,6 +15,9 @@ from .data import batches, num_samples
 from .checks import first_line
 from .memory import release_freed
 
+__all__ = ["eval_mode", "failing_layer_tracker", "set_progress", "progress", "SampleBar",
+           "forward_batches"]
+
 try:
     from tqdm.auto import tqdm
 except ImportError:  # tqdm is a dependency, but a missing progress bar must not break the pipeline

@@ -14,6 +14,8 @@ import ctypes
 import ctypes.util
 import functools
 
+__all__ = ["LARGE_BATCH_BYTES", "release_freed"]
+
 LARGE_BATCH_BYTES = 4 << 20  # below this a batch's activations do not fragment the heaps noticeably
 
 

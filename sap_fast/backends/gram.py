@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._runtime.geometry import conv_padding, pad_mode, padded_size
-from .._runtime.layers import CONV_TYPES
 from . import nvrtc, shift, triton
 from .native import native, native_cuda
 from .precision import kernel_mode
 from .switches import SWITCHES, switch
 
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the conv layers SAP covers (sap_fast.targets)
 KERNEL_CHOICES = SWITCHES["SAP_FAST_GRAM_KERNEL"][0]
 
 

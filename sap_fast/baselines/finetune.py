@@ -20,6 +20,8 @@ from .._runtime.evaluate import evaluate
 from .._runtime.forward import progress
 from ._common import LabelledBatches, check_sgd, checked_ce, logits, seeded, sgd, step, working_copy
 
+__all__ = ["NAME", "finetune"]
+
 NAME = "finetune"
 
 

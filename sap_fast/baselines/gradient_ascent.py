@@ -19,6 +19,8 @@ from .._runtime.forward import progress
 from ._common import (LabelledBatches, check_sgd, checked_ce, logits, seeded,
                       sgd, step, working_copy)
 
+__all__ = ["NAME", "gradient_ascent"]
+
 NAME = "gradient_ascent"
 
 

@@ -66,6 +66,8 @@ from .._runtime.forward import eval_mode, progress
 from ._common import (LabelledBatches, check_choice, check_number, check_positive_int,
                       check_seed, checked_ce, seeded, step, working_copy)
 
+__all__ = ["NAME", "Params", "manif_neighbours", "triplet_loss", "bezier_point", "manif_smc"]
+
 NAME = "manif_smc"
 Params = Dict[str, torch.Tensor]
 

@@ -20,6 +20,8 @@ from .._runtime.forward import progress
 from ._common import (LabelledBatches, check_sgd, checked_ce, logits, num_classes,
                       seeded, sgd, step, working_copy)
 
+__all__ = ["NAME", "random_labels"]
+
 NAME = "random_labels"
 
 

@@ -46,6 +46,8 @@ from .._runtime.forward import progress
 from ._common import (LabelledBatches, check_choice, check_number, check_positive_int, check_seed,
                       checked_ce, distill_kl, logits, seeded, sgd, step, working_copy)
 
+__all__ = ["NAME", "scrub"]
+
 NAME = "scrub"
 
 

@@ -47,6 +47,8 @@ from .._runtime.forward import progress
 from ._common import (LabelledBatches, check_choice, check_number, check_positive_int, check_seed,
                       logits, working_copy)
 
+__all__ = ["NAME", "ssd"]
+
 NAME = "ssd"
 
 

@@ -38,6 +38,8 @@ from .._runtime.forward import progress
 from ._common import (LabelledBatches, check_number, check_sgd, checked_ce,
                       cycled, logits, seeded, sgd, step, working_copy)
 
+__all__ = ["gls_loss", "ugradsl", "ugradsl_plus"]
+
 # The retain order gets its own generator (so the forget order equals gradient_ascent's); any
 # fixed offset that keeps the two streams apart will do.
 _RETAIN_STREAM = 0x5EED

@@ -29,6 +29,8 @@ from ..backends.info import backend_info
 from . import bench, compare, correct, demo
 from .load import LoadError
 
+__all__ = ["USAGE_ERRORS", "COMMANDS", "build_parser", "main"]
+
 USAGE_ERRORS = (LoadError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,
                 IsADirectoryError, PermissionError)
 

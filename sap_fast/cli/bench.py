@@ -12,6 +12,9 @@ import torch
 from ..backends.native import native
 
 
+__all__ = ["add_arguments", "benchmarks_folder", "run"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer cases")
     parser.add_argument("--tiny", action="store_true", help="smoke run on tiny shapes (seconds)")

@@ -25,6 +25,9 @@ from ..experiments.compare import (SETTING_NAMES, SETTINGS, Corrector, compare_c
 from ..experiments.metrics import KEYS
 
 
+__all__ = ["add_arguments", "run", "markdown", "plot"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
                         help="noise settings: sym10, sym25 (symmetric 10%%/25%%), asym25 (asymmetric 25%%)")

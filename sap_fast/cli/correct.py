@@ -43,12 +43,16 @@ from .._runtime.checks import (NonFiniteSample, first_line, first_non_finite_ten
 from .._runtime.evaluate import classifier_logits
 from .._runtime.forward import SampleBar
 from ..accumulate import first_non_finite
+from ..project import resolve_solver
 from ..select import candidate_ids
 from ..stats import Stats
 from . import decoded, report
 from .data import Preprocess, TensorFile, check_first, data_path, loader, open_data
 from .load import LoadError, load_model, model_path, save_weights
 from .outputs import PARTIAL, Outputs
+
+__all__ = ["CHECKPOINT_EVERY", "DEFAULTS", "OUTPUT_RULES", "add_arguments", "CONFLICTS", "Scoring",
+           "Clock", "Data", "Selection", "Choice", "run"]
 
 CHECKPOINT_EVERY = 5000
 DEFAULTS = {"alphas": "grid", "trusted": 1000, "score": "loss", "checkpoint_every": CHECKPOINT_EVERY}
@@ -102,12 +106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sap.add_argument("--alpha", type=float, help="a fixed α (no sweep)")
     sap.add_argument("--alphas", help="the α to sweep: grid (1e1..1e6, the default), auto, or a comma list like "
                                       "10,100,1e3")
-    sap.add_argument("--solver", choices=("eigh", "cholesky"),
-                     help="eigh: one eigendecomposition shared by every α (the sweep's default); "
-                          "cholesky: one Cholesky solve per α (the fixed --alpha default)")
+    sap.add_argument("--solver", choices=("auto", "eigh", "cholesky"), default="auto",
+                     help="auto (default): cholesky for a fixed --alpha without --spectra, eigh otherwise; "
+                          "eigh: one eigendecomposition shared by every α; cholesky: one Cholesky solve "
+                          "per α, no spectrum")
     sap.add_argument("--spectra", action="store_true",
-                     help="plot the layer spectra in report.png even with the Cholesky solver, which "
-                          "does not need them (one eigendecomposition per layer)")
+                     help="plot the layer spectra in report.png with a fixed --alpha too (one "
+                          "eigendecomposition per layer: --solver auto then picks eigh)")
     sap.add_argument("--stats-in", help="statistics saved by --stats-out: skips selection and the forward "
                                         "pass over the training data")
     sap.add_argument("--stats-out", help="save the statistics here for later sweeps")
@@ -610,7 +615,8 @@ def _choose(model, stats: Stats, data: Data, args, device, clock: Clock, eval_ca
     started = time.perf_counter()
     with _naming_samples(data.val_flag, val):
         if args.alpha is not None:  # one projector: its decomposition also serves the report
-            projector = sap_fast.Projector(model, stats, solver=args.solver or "cholesky")
+            solver = resolve_solver(args.solver, alphas=1, spectra=args.spectra)
+            projector = sap_fast.Projector(model, stats, solver=solver)
             clock.times["decomposition"] = time.perf_counter() - started
             fixed = copy.deepcopy(model)
             projector.apply(fixed, args.alpha)
@@ -622,7 +628,7 @@ def _choose(model, stats: Stats, data: Data, args, device, clock: Clock, eval_ca
                     for m, label in ((model, "(original)"), (fixed, f"α={args.alpha:.3g}")))
         else:
             result = sap_fast.sweep(model, None, val_batches, stats=stats, alphas=_alphas(args.alphas),
-                                    device=device, solver=args.solver or "eigh", amp=args.amp)
+                                    device=device, solver=args.solver, amp=args.amp)
             choice = Choice(result.model, result.best_alpha, [row.alpha for row in result.table],
                             result.projector, result, result.table[0].val_accuracy, result.best.val_accuracy)
             clock.times["decomposition"] = result.prepare_seconds

@@ -792,8 +792,8 @@ def loader(dataset: Dataset, *, batch_size: int, workers: int = 0, device="cpu",
 
 
 def check_first(dataset: Dataset, what: str = "--data") -> Tuple[torch.Tensor, int]:
-    """Decode the first sample, so a file or option that does not work fails now, naming the
-    file, rather than in the middle of a long pass. Returns ``(input, label)``."""
+    """Decode the first sample, so a file or option that does not work fails before any pass
+    starts, naming the file, rather than in the middle of a long pass. Returns ``(input, label)``."""
     if len(dataset) == 0:
         raise LoadError(f"{what}: holds no samples")
     try:

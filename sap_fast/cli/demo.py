@@ -23,6 +23,9 @@ from ..experiments.noise import NOISE_KINDS
 from . import report
 
 
+__all__ = ["add_arguments", "run"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--noise", choices=NOISE_KINDS, default="symmetric",

@@ -42,6 +42,9 @@ from torch import nn
 from .._runtime import io
 from .._runtime.checks import first_line, torch_load_problem
 
+__all__ = ["IMAGE_SUFFIXES", "LoadError", "BY_NAME", "model_kind", "model_path", "load_model",
+           "hf_logits", "save_weights", "load_state_dict"]
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import reference as _ref
-from .._runtime.layers import CONV_TYPES, all_targets
+from ..targets import CONV_TYPES, all_targets
 from ..capture import heads_before_out_proj
 
 __all__ = ["official_correct", "OfficialResult", "importance", "per_batch_cap"]

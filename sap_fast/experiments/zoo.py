@@ -16,7 +16,7 @@ initialisation:
 :func:`build` returns torchvision's model where torchvision imports (the GPU machine) and ours
 otherwise; ``model.bench_source`` says which ("torchvision" or "sap_fast.experiments.zoo").
 
-:func:`census` lists, per layer SAP covers (``sap_fast._runtime.layers.select_targets``), the
+:func:`census` lists, per layer SAP covers (``sap_fast.targets.select_targets``), the
 width d, rows per sample L, and the Gram cost per sample (L·d² MACs, L·d(d+1)/2 for the
 symmetric half), from one batch-1 forward on the meta device (no memory, no compute). The totals
 for both models, and the floors derived from them, are tabulated in docs/cost-census.md:
@@ -41,7 +41,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .._runtime.layers import CONV_TYPES, select_targets
+from ..targets import CONV_TYPES, select_targets
 
 __all__ = ["resnet50", "vit_b_16", "build", "census", "shift_macs", "Census", "LayerCensus", "MODELS",
            "Bottleneck", "ResNet", "VisionTransformer", "EncoderBlock", "Encoder"]
@@ -278,7 +278,7 @@ class _nullcontext:
 class LayerCensus:
     """One covered target: its input width d (per group), rows per sample L (per group)."""
 
-    name: str                 # target name, as sap_fast._runtime.layers names it
+    name: str                 # target name, as sap_fast.targets names it
     kind: str                 # "conv", "linear", "mha.q/k/v", "mha.out_proj"
     d: int
     groups: int

@@ -1,9 +1,10 @@
 """The native CPU kernels (csrc/cpu/) against the float64 oracle, their dispatch, and the
 fallback when the extension is missing.
 
-Tolerances (max-abs error relative to max |G|): float64 accumulation 1e-12 (the kernels reorder
-exact products of float64 inputs); float32 accumulation 1e-5 (a few hundred fp32 products per
-entry, so a few ulps of 6e-8 times √rows).
+The C++ kernels run on the CPU alone; their dtypes and tolerances are tests/cases.py's (max-abs
+error relative to max |G|): float64 accumulation 1e-12 (the kernels reorder exact products of
+float64 inputs); float32 accumulation 1e-5 (a few hundred fp32 products per entry, so a few ulps
+of 6e-8 times √rows).
 """
 import os
 import sys
@@ -17,6 +18,7 @@ from sap_fast import reference
 from sap_fast.backends import native as backend
 from sap_fast.backends.info import backend_info
 from sap_fast.backends.gram import _symmetric_padding as _native_padding
+from cases import CPU, DTYPES, devices_param, tol
 from support import CONV_CASES, conv_case, rel_err
 
 if backend.native() is None:  # CI builds the extension; there a missing one is a failure
@@ -74,16 +76,17 @@ KERNEL_CASES = [(name, op) for name in sorted(CASES) for op in ("tiled", "shift"
                 if op == "tiled" or _stride_one(name)]
 
 
+@devices_param(CPU)
 @pytest.mark.parametrize("name, op", KERNEL_CASES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_conv_gram_matches_oracle(name, op, batch):
+def test_conv_gram_matches_oracle(name, op, batch, device):
     model, x = _case(name, batch, seed=batch * 7 + len(name))
     conv = model[0]
-    expected = _oracle_gram(model, x)
-    assert _max_rel(_run(op, conv, x, torch.float64), expected) <= 1e-12
-    got32 = _run(op, conv, x.float(), torch.float32)
-    assert got32.dtype == torch.float32
-    assert _max_rel(got32, _oracle_gram(model, x.float().double())) <= 1e-5
+    for dtype in DTYPES:  # float64 inputs summed in float64; their float32 rounding in float32
+        inputs = x.to(device, dtype)
+        got = _run(op, conv, inputs, dtype)
+        assert got.dtype == dtype and got.device == inputs.device
+        assert _max_rel(got, _oracle_gram(model, inputs.double())) <= tol(dtype)
 
 
 @pytest.mark.parametrize("op", ["tiled", "shift"])

@@ -1,6 +1,6 @@
 """The shift-correlation Gram in torch ops (:mod:`sap_fast.shift`, the GPU's ``SAP_FAST_GRAM_KERNEL
-=shift`` route) against an ``F.unfold`` oracle, float64: ≤ 1e-12 relative (the same products,
-summed in another order)."""
+=shift`` route) against an ``F.unfold`` oracle, on every device of tests/cases.py, float64: ≤ 1e-12
+relative (the same products, summed in another order)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,10 @@ from torch import nn
 import sap_fast
 from sap_fast.backends import gram as gram_backend
 from sap_fast.backends.shift import pays, shift_gram
+from cases import DEVICES, devices_param, tol
 from support import rel_err
+
+TOL64 = tol(torch.float64)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,14 +37,15 @@ CASES = {  # (N, C, spatial, kernel, padding, dilation, groups)
 }
 
 
+@devices_param(DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_shift_gram_matches_unfold(case):
+def test_shift_gram_matches_unfold(case, device):
     n, c, size, k, p, dil, g = CASES[case]
-    x = torch.randn(n, c, *size, generator=torch.Generator().manual_seed(len(case)))
+    x = torch.randn(n, c, *size, generator=torch.Generator().manual_seed(len(case))).to(device)
     got = shift_gram(x, list(k), list(p), list(dil), g, torch.float64)
     d = c // g * (k[0] if len(k) == 1 else k[0] * k[1])
-    assert got.shape == (g, d, d) and got.dtype == torch.float64
-    assert rel_err(got, unfold_gram(x, k, p, dil, g)) <= 1e-12
+    assert got.shape == (g, d, d) and got.dtype == torch.float64 and got.device == x.device
+    assert rel_err(got, unfold_gram(x, k, p, dil, g)) <= TOL64
 
 
 def test_no_core_means_no_shift_gram():
@@ -78,7 +82,7 @@ def test_shift_route_through_collect_stats(monkeypatch):
     monkeypatch.setattr(gram_backend, "route", lambda *a, **k: None)
     want = sap_fast.collect_stats(model, x, batch_size=2)
     for name in want:
-        assert rel_err(got[name].gram, want[name].gram) <= 1e-12, name
+        assert rel_err(got[name].gram, want[name].gram) <= TOL64, name
 
 
 @pytest.mark.parametrize("call, message", [

@@ -8,14 +8,10 @@ see triton_support.py); with CUDA the same tests also run compiled.
 
 Errors are entrywise, scaled by Cauchy–Schwarz: ``|G − O|_ij / sqrt(O_ii O_jj)`` (the size of the
 sum of |products| behind entry ij), max over all entries, against the float64 oracle ``O`` of the
-mode's rounded inputs. Tolerances:
-
-- fp64: 1e-12 (observed ~1e-16: fp32 products are exact in fp64; only ≤ 600-term sums round);
-- fp32, tf32, bf16: 1e-5 (fp32 summation of ≤ 600 terms: γ_n ≈ n·6e-8 worst case, observed
-  ~1e-7). For tf32/bf16 the oracle's inputs are rounded to 11/8 significant bits by
-  round-half-to-even (torch.frexp/round, independent of the module's bit trick); products of
-  rounded values are exact in fp32, so the same 1e-5 holds, while the unrounded Gram is visibly
-  farther (checked, so a kernel that skipped the rounding would fail).
+mode's rounded inputs. The devices, the modes and their tolerances are tests/cases.py's (fp64
+1e-12; fp32, tf32, bf16 1e-5). For tf32/bf16 the oracle's inputs are rounded to 11/8 significant
+bits by round-half-to-even (torch.frexp/round, independent of the module's bit trick), while the
+unrounded Gram is visibly farther (checked, so a kernel that skipped the rounding would fail).
 
 What the interpreter can and cannot prove: it runs the kernel's index math, masks, tiling,
 split-K atomics, mirror and in-kernel TF32/BF16 rounding exactly as written, but its ``tl.dot``
@@ -36,14 +32,15 @@ from sap_fast.accumulate import conv_row_chunks
 from sap_fast.backends.native import native
 from sap_fast.backends.precision import round_inputs as _round_inputs
 
+from cases import (DTYPE, DTYPES, MODE_OF, MODES, ONE_ROUNDING_TOL, SIGNIFICANT_BITS, TOL, devices_param,
+                   modes_param)
+
 from .triton_support import kernel_module
 
 gt, DEVICES = kernel_module("gram")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOL = {"fp64": 1e-12, "fp32": 1e-5, "tf32": 1e-5, "bf16": 1e-5}
-SIGNIFICANT_BITS = {"tf32": 11, "bf16": 8}
 
 # name: (N, C, spatial size, kernel, stride, padding, dilation, groups, launch options).
 # Small blocks (16) give several tiles, ragged last tiles (d not a multiple of 16) and, with
@@ -139,6 +136,10 @@ def check_gram(got, x, precision, device):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_the_kernel_has_the_modes_of_the_cases():
+    assert tuple(gt.PRECISIONS) == MODES
+
+
 def test_oracle_matches_unfold():
     """The one-hot-conv oracle agrees with F.unfold, column order included (2-D, groups)."""
     geo, _ = geometry("2d-groups2-k1x3")
@@ -152,8 +153,8 @@ def test_oracle_matches_unfold():
         assert torch.equal(rows[g], want)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("precision", gt.PRECISIONS)
+@devices_param(DEVICES)
+@modes_param()
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in HEAVY else c for c in CASES])
 def test_matches_oracle(case, precision, device):
     geo, launch = geometry(case)
@@ -167,14 +168,14 @@ def test_matches_oracle(case, precision, device):
     twin = gt.conv_gram_reference(x, **geo, precision=precision)
     assert twin.dtype == got.dtype and torch.equal(twin, twin.transpose(1, 2))
     # the twin rounds a float64 Gram once to the output dtype: eps64 or half an ulp of fp32
-    assert scaled_err(twin, want) < (1e-14 if precision == "fp64" else 1e-7)
+    assert scaled_err(twin, want) < ONE_ROUNDING_TOL[DTYPE[precision]]
     if precision in SIGNIFICANT_BITS:  # the rounding really happened: unrounded is farther away
         unrounded = oracle_gram(x, "fp32", **geo)
         assert scaled_err(got, unrounded) > 3 * TOL[precision]  # observed ≥ 1.3e-4
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("precision", gt.PRECISIONS)
+@devices_param(DEVICES)
+@modes_param()
 @pytest.mark.parametrize("case", ["2d-k3-s2-p1-split3", pytest.param("3d-mixed", marks=pytest.mark.slow),
                                   "1d-groups3-k4"])
 def test_integer_inputs_are_exact(case, precision, device):
@@ -200,8 +201,8 @@ ROUNDING = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@devices_param(DEVICES)
+@modes_param(SIGNIFICANT_BITS)
 def test_input_rounding_is_nearest_even(precision, device):
     """One row (N = 1, length 1, 1×1 kernel) makes G = r rᵀ of the rounded inputs: single
     products, exact in fp32, so each entry shows exactly how the kernel rounded."""
@@ -220,7 +221,7 @@ def test_input_rounding_is_nearest_even(precision, device):
 
 
 @pytest.mark.slow  # a few seconds: left out of the fast target
-@pytest.mark.parametrize("device", DEVICES)
+@devices_param(DEVICES)
 def test_any_strides_without_copy(device, monkeypatch):
     """channels_last (2-D and 3-D), a channel/spatial slice and an expanded (stride 0) batch read
     through their strides: with one row range the summation order is the same, so the result
@@ -247,10 +248,10 @@ def test_any_strides_without_copy(device, monkeypatch):
         assert scaled_err(got, oracle_gram(plain, "fp64", **g)) < TOL["fp64"]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("precision", ["fp64", "fp32"])
+@devices_param(DEVICES)
+@modes_param(MODE_OF.values())
 def test_float64_input(precision, device):
-    """float64 x: fp64 mode multiplies it as is (products round now: still ~eps64), fp32 mode
+    """float64 x: fp64 mode multiplies it as is (float64 products round: still ~eps64), fp32 mode
     rounds it to fp32 first."""
     geo, launch = geometry("2d-k3-s2-p1-split3")
     x = make_x("2d-k3-s2-p1-split3", seed=5, device=device, dtype=torch.float64)
@@ -259,7 +260,7 @@ def test_float64_input(precision, device):
     assert scaled_err(got, oracle_gram(x, precision, **geo)) < TOL[precision]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@devices_param(DEVICES)
 def test_split_counts_agree(device):
     """1, 2 and 7 row ranges (atomics into zeros vs plain stores) give the same Gram."""
     geo, _ = geometry("2d-1x1-d37")
@@ -290,8 +291,8 @@ def test_choose_splits():
     assert gt.choose_splits(100, 6, 16, 132)[0] == 1
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("precision", gt.PRECISIONS)
+@devices_param(DEVICES)
+@modes_param()
 def test_linear_gram(precision, device):
     """A transposed (non-contiguous) row block (m, d) of a linear layer: (1, d, d) = rowsᵀ rows."""
     gen = torch.Generator().manual_seed(8)
@@ -305,7 +306,7 @@ def test_linear_gram(precision, device):
                        gt.conv_gram_reference(rows.unsqueeze(-1), [1], [1], [0], [1], 1, precision))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@devices_param(DEVICES)
 @pytest.mark.parametrize("conv", [
     nn.Conv1d(4, 2, 3, stride=2, padding=2, dilation=2),
     nn.Conv2d(6, 4, (3, 2), stride=2, padding=(1, 0), dilation=(1, 2), groups=2),
@@ -330,14 +331,15 @@ def test_matches_native_op(case):
     geo, launch = geometry(case)
     x = make_x(case, seed=9)
     args = (geo["kernel_size"], geo["stride"], geo["padding"], geo["dilation"], geo["groups"])
-    for precision, dtype in (("fp64", torch.float64), ("fp32", torch.float32)):
+    for dtype in DTYPES:
+        precision = MODE_OF[dtype]
         native = torch.ops.sap_fast.conv_gram(x, *args, dtype)
         got = gt.conv_gram(x.to(DEVICES[0]), *args, precision, **launch)
         assert got.shape == native.shape and got.dtype == native.dtype
         assert scaled_err(got, native) < 2 * TOL[precision]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@devices_param(DEVICES)
 def test_empty_inputs(device):
     x = torch.zeros(0, 4, 5, 5, device=device)  # no samples: no rows
     for precision in ("fp64", "fp32"):
@@ -356,7 +358,7 @@ def test_configs_and_defaults():
     num_warps/num_stages; on a GPU this also compiles each one)."""
     geo, _ = geometry("2d-groups2-k1x3")
     x = make_x("2d-groups2-k1x3", seed=10, device=DEVICES[-1])
-    for precision in gt.PRECISIONS:
+    for precision in MODES:
         want = oracle_gram(x, precision, **geo)
         default = gt.default_config(want.shape[-1], precision)
         for cfg in [default] + gt.configs(precision):

@@ -4,11 +4,12 @@ On a machine without CUDA the kernel runs in Triton's CPU interpreter (``TRITON_
 see triton_support.py); with CUDA the same tests also run compiled.
 Note: the interpreter computes ``tl.dot`` with numpy (exact fp32), so TF32 error only shows on GPU.
 
-Errors are ``‖x − y‖_F / ‖W‖_F`` over the whole tensor. Tolerances (dtype: twin, direct):
-float64 1e-12 for both (observed ≤ ~1e-15); float32 1e-6 vs the float32 twin (same formula, only the
-summation order of r ≤ 70 products differs: a few eps32) and 1e-5 vs the float64 formula (that
-adds the float32 rounding of ``wu = W U`` and the non-orthonormality, O(eps32), of the rounded
-``U``, which the full form's ``W − …`` sees as ``W (I − U Uᵀ)``).
+Errors are ``‖x − y‖_F / ‖W‖_F`` over the whole tensor. The devices, dtypes and tolerances are
+tests/cases.py's (dtype: twin, direct): float64 1e-12 for both (observed ≤ ~1e-15); float32 1e-6
+vs the float32 twin (same formula, only the summation order of r ≤ 70 products differs: a few
+eps32) and 1e-5 vs the float64 formula (that adds the float32 rounding of ``wu = W U`` and the
+non-orthonormality, O(eps32), of the rounded ``U``, which the full form's ``W − …`` sees as
+``W (I − U Uᵀ)``).
 """
 import math
 
@@ -18,6 +19,8 @@ import torch
 from sap_fast.project import projected_weight
 from sap_fast.spectrum import LayerSpectrum
 
+from cases import DTYPES, SAME_FORMULA_TOL, devices_param, dtypes_param, tol
+
 from .triton_support import kernel_module
 
 pt, DEVICES = kernel_module("update")
@@ -25,7 +28,8 @@ pt, DEVICES = kernel_module("update")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALPHAS = [1.0, 10.0, 1e3, 1e6]
-TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-6, 1e-5)}  # (vs twin, vs float64 direct)
+TOL = {dtype: (SAME_FORMULA_TOL[dtype], tol(dtype)) for dtype in DTYPES}  # (vs twin, vs float64 direct)
+TOL64 = tol(torch.float64)
 
 # name: (groups, out, d, r); block sizes are (≤64, ≤64, ≤32), so r = 37, 45, 70 leave ragged K steps
 CASES = {
@@ -66,8 +70,8 @@ def rel(x, y, w):
     return ((x.double() - y.double()).norm() / w.double().norm()).item()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@devices_param(DEVICES)
+@dtypes_param()
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_twin_and_direct(case, dtype, device):
     groups, out, d, r = CASES[case]
@@ -88,10 +92,10 @@ def test_twin_matches_projected_weight(r):
     spectrum = LayerSpectrum(e, u)
     for alpha in ALPHAS:
         want = projected_weight(w, spectrum, alpha)
-        assert rel(pt.scaled_update_reference(w, w @ u, u, e, alpha), want, w) < 1e-12
+        assert rel(pt.scaled_update_reference(w, w @ u, u, e, alpha), want, w) < TOL64
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@devices_param(DEVICES)
 @pytest.mark.parametrize("r", [20, 6], ids=["full", "thin"])
 def test_group_without_energy(device, r):
     """Σe = 0 gives s = 0 and λ = 0: the full form's W − W U Uᵀ is ≈ 0, the thin form exactly 0;
@@ -101,25 +105,25 @@ def test_group_without_energy(device, r):
     for alpha in (1.0, 1e6):
         got = pt.scaled_update(w, wu, u, e, alpha)
         assert torch.isfinite(got).all()
-        assert rel(got[1], torch.zeros_like(got[1]), w[1]) < 1e-12
+        assert rel(got[1], torch.zeros_like(got[1]), w[1]) < TOL64
         if r < 20:
             assert torch.equal(got[1], torch.zeros_like(got[1]))
-        assert rel(got, pt.scaled_update_reference(w, wu, u, e, alpha), w) < 1e-12
-        assert rel(got, direct(w, u, e, alpha), w) < 1e-12
+        assert rel(got, pt.scaled_update_reference(w, wu, u, e, alpha), w) < TOL64
+        assert rel(got, direct(w, u, e, alpha), w) < TOL64
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@devices_param(DEVICES)
 def test_alpha_one_gives_energies(device):
     """α = 1 makes λ = s, in both forms."""
     w, u, e = (t.to(device) for t in make_inputs(2, 6, 24, 24, seed=2))
     s = e / e.sum(-1, keepdim=True)
     want = w @ u @ torch.diag_embed(s) @ u.transpose(-1, -2)
     for full in (True, False):
-        assert rel(pt.scaled_update(w, w @ u, u, e, 1.0, full=full), want, w) < 1e-12
+        assert rel(pt.scaled_update(w, w @ u, u, e, 1.0, full=full), want, w) < TOL64
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@devices_param(DEVICES)
+@dtypes_param()
 def test_non_contiguous_inputs(device, dtype):
     """Any strides: transposed W and U, every other column of wu and e, U shared across groups
     (stride 0). The result is a new contiguous tensor."""
@@ -141,7 +145,7 @@ def test_non_contiguous_inputs(device, dtype):
         assert rel(got, want, w0) < tol
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@devices_param(DEVICES)
 def test_thin_form_on_full_basis_and_fresh_output(device):
     """``full=False`` on a square basis gives the same Ŵ; the output never aliases an input and
     the inputs are left as they were."""
@@ -150,13 +154,13 @@ def test_thin_form_on_full_basis_and_fresh_output(device):
     before = [t.clone() for t in (w, wu, u, e)]
     careful = pt.scaled_update(w, wu, u, e, 1e3)
     thin = pt.scaled_update(w, wu, u, e, 1e3, full=False)
-    assert rel(careful, thin, w) < 1e-12
+    assert rel(careful, thin, w) < TOL64
     assert careful.data_ptr() not in {t.data_ptr() for t in (w, wu, u, e)}
     for t, b in zip((w, wu, u, e), before):
         assert torch.equal(t, b)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@devices_param(DEVICES)
 def test_empty_shapes(device):
     w, u, e = (t.to(device) for t in make_inputs(2, 3, 8, 8, seed=5))
     none = pt.scaled_update(w[:, :0], w[:, :0] @ u, u, e, 10.0)
@@ -226,7 +230,7 @@ def test_cpu_without_interpreter_is_an_error(monkeypatch):
         pt.scaled_update(w, w @ u, u, e, 10.0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@devices_param(DEVICES)
 @pytest.mark.parametrize("config", pt.CONFIGS, ids=lambda c: "x".join(map(str, c)))
 def test_every_autotune_config_is_correct(config, device):
     """Each tile configuration the GPU autotuner may pick gives the twin's result, on a shape

@@ -13,17 +13,18 @@ import os
 from typing import List, Tuple
 
 import pytest
-import torch
+
+from cases import triton_devices
 
 
 def kernel_module(name: str) -> Tuple[object, List[str]]:
-    """``(sap_fast.backends.triton.<name>, devices)``: the devices its tests run on, ``"cpu"``
-    under the interpreter and ``"cuda"`` where a GPU is visible. Skips the calling test module
+    """``(sap_fast.backends.triton.<name>, devices)``: the devices its tests run on
+    (tests/cases.py: ``"cpu"`` under the interpreter, ``"cuda"`` where a GPU is visible). Skips the calling test module
     when Triton is missing or there is nowhere to run."""
     full = f"sap_fast.backends.triton.{name}"
     pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
     module = importlib.import_module(full)
-    devices = (["cpu"] if module.interpreted() else []) + (["cuda"] if torch.cuda.is_available() else [])
+    devices = triton_devices(module)
     if not devices:
         why = (f"{full} was imported before TRITON_INTERPRET=1 was set (set it in tests/conftest.py or "
                "the environment)" if os.environ.get("TRITON_INTERPRET") == "1" else "TRITON_INTERPRET is not 1")

@@ -135,6 +135,23 @@ def test_a_fixed_alpha_on_the_cholesky_route_runs_no_eigendecomposition(workspac
     assert len(calls) == 2 and (workspace / "out-solve-spectra" / "report.png").is_file()
 
 
+def test_solver_auto_takes_one_route_per_fixed_alpha_run(workspace, here, monkeypatch):
+    """--solver auto (the default): a fixed --alpha solves by Cholesky; with --spectra the
+    eigendecomposition serves both the weights and the report, and no Cholesky runs."""
+    from sap_fast import solve
+    prepared = []
+    real = solve.prepare
+    monkeypatch.setattr(solve, "prepare", lambda *a: prepared.append(1) or real(*a))
+    base = ["correct", "--model", "tinynet:make", "--weights", "weights.safetensors", "--data", "images",
+            "--trusted", "15", "--alpha", "30"]
+    code, out, err = here(*base, "--spectra", "--out", str(workspace / "out-auto-spectra"))
+    assert code == 0, err
+    assert prepared == [] and (workspace / "out-auto-spectra" / "report.png").is_file()
+    code, out, err = here(*base, "--out", str(workspace / "out-auto"))
+    assert code == 0, err
+    assert len(prepared) == 2 and "no report.png" in out
+
+
 def _tinynet(workspace):
     sys.path.insert(0, str(workspace))
     import tinynet

@@ -92,7 +92,7 @@ def test_the_budget_is_shared_by_the_splits_in_turn(tmp_path):
     cache = EvalCache("auto", budget_gib=1.5 * per_split / 2 ** 30, folder=str(tmp_path))
     val, test = (cache.loader(dataset, what=w, batch_size=3) for w in ("--val", "--test"))
     _batches(val), _batches(test)
-    assert (val.where, test.where) == ("memory", "disk")  # the second no longer fits what is left
+    assert (val.where, test.where) == ("memory", "disk")  # the second does not fit what is left
     assert EvalCache("auto").budget > 0  # the default: a share of the machine's memory
 
 

@@ -143,3 +143,52 @@ def test_bad_solver_is_a_one_line_error(bad):
         with pytest.raises(ValueError, match=r"solver must be one of \('eigh', 'cholesky'\)") as err:
             call()
         assert "\n" not in str(err.value)
+
+
+# -- solver="auto": the one rule (sap_fast.project.resolve_solver) --------------------------------
+
+@pytest.mark.parametrize("solver, alphas, spectra, want", [
+    ("auto", 1, False, "cholesky"),     # one α, no spectrum: correct(), a fixed --alpha
+    ("auto", 1, True, "eigh"),          # one α whose spectra are reported (--spectra)
+    ("auto", 2, False, "eigh"),         # several α share one decomposition
+    ("auto", 11, False, "eigh"),        # the default grid
+    ("auto", None, False, "eigh"),      # a Projector: any number of α, on demand
+    ("eigh", 1, False, "eigh"),         # an explicit solver is kept
+    ("cholesky", None, True, "cholesky"),
+])
+def test_auto_solver_rule(solver, alphas, spectra, want):
+    from sap_fast.project import resolve_solver
+    assert resolve_solver(solver, alphas=alphas, spectra=spectra) == want
+
+
+def test_every_entry_point_defaults_to_auto_and_resolves_it_by_the_rule(monkeypatch):
+    import inspect
+    import sys
+    from sap_fast import project
+    for fn in (sap_fast.correct, sap_fast.sweep, Projector.__init__):
+        assert inspect.signature(fn).parameters["solver"].default == "auto"
+    built = []
+    real = project.build_projector
+
+    def spy(model, targets, stats, solver, group):
+        built.append(solver)
+        return real(model, targets, stats, solver, group)
+
+    monkeypatch.setattr(project, "build_projector", spy)
+    monkeypatch.setattr(sys.modules["sap_fast.sweep"], "build_projector", spy)
+    model, x = conv_case("2d-groups2", batch=4, seed=12)
+    y = model(x).argmax(1)
+    sap_fast.correct(model, x, alpha=30.0)
+    sap_fast.sweep(model, x, (x, y), alphas=[3.0, 30.0])
+    sap_fast.sweep(model, x, (x, y), alphas=[30.0])
+    sap_fast.sweep(model, x, (x, y), alphas=[30.0, 30.0])  # one distinct α
+    projector = Projector(model, sap_fast.collect_stats(model, x))
+    assert built == ["cholesky", "eigh", "cholesky", "cholesky", "eigh"]
+    assert projector.solver == "eigh" and projector.has_spectra
+
+
+def test_auto_is_accepted_and_named_in_the_solver_error():
+    model, x = conv_case("2d-groups2", batch=2, seed=13)
+    with pytest.raises(ValueError, match=r"or 'auto' \(the default") as err:
+        sap_fast.correct(model, x, alpha=10.0, solver="Auto")
+    assert "\n" not in str(err.value)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sap_fast import reference
-from sap_fast._runtime.layers import select_targets
+from sap_fast.targets import select_targets
 from sap_fast.experiments import zoo as bm
 from support import tiny_vit
 

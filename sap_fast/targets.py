@@ -1,4 +1,5 @@
-"""Which layers SAP covers, how ``layers=`` selects them, and how each one's weight is read/written.
+"""The layers SAP covers: which modules, how ``layers=`` selects them, how attention splits into
+q/k/v/out_proj targets, and how each target's weight is read and written.
 
 A *target* is one projected weight with one input Gram:
 
@@ -17,7 +18,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .checks import plain_model
+from ._runtime.checks import plain_model
+
+__all__ = ["CONV_TYPES", "COVERED", "Target", "module_targets", "all_targets", "select_targets",
+           "input_fits"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 COVERED = "nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention"
