@@ -31,8 +31,9 @@
 // That kernel is the clear, correct baseline and the path of GPUs before sm_80. From sm_80 on, a
 // float64 Gram takes conv_gram_dmma_kernel instead: the same tiles, grid, split-K and slabs, its
 // product on the FP64 tensor cores (DMMA, mma.sync m8n8k4), 8 warps each owning a 32×16 block of
-// the tile (see "FP64 tensor-core tiles" below). Still to come: double buffering, a cheaper row
-// decomposition, the shift trick for stride-1 3×3; each should keep the contract.
+// the tile (see "FP64 tensor-core tiles" below). Neither kernel double-buffers its slabs; a change
+// of the tiles (double buffering, a cheaper row decomposition, the shift trick for stride-1 3×3)
+// keeps the contract above and the CPU twin's tests.
 //
 // A third compiler reads it: g++ (csrc/cpu/conv_gram_dmma_twin.cpp). The index code of the tiles
 // is marked SAP_FAST_HD (__host__ __device__ under nvcc and NVRTC, nothing under g++), so the CPU
