@@ -203,7 +203,9 @@ def _others_selected(call: GramCall, me: str) -> List[str]:
 
 
 def _cuda_reasons(call: GramCall) -> List[str]:
-    out = _gpu_exact(call, "the CMake-built CUDA kernel") + _others_selected(call, "cuda")
+    out = _gpu_exact(call, "the CMake-built CUDA kernel")
+    if call.device_type == "cuda":
+        out += _others_selected(call, "cuda")
     if out:
         return out
     why = call.installed.native_cuda()
@@ -217,7 +219,9 @@ def _cuda_reasons(call: GramCall) -> List[str]:
 
 
 def _cupy_reasons(call: GramCall) -> List[str]:
-    out = _gpu_exact(call, "the NVRTC build of the CUDA kernel") + _others_selected(call, "cupy")
+    out = _gpu_exact(call, "the NVRTC build of the CUDA kernel")
+    if call.device_type == "cuda":
+        out += _others_selected(call, "cupy")
     if out:
         return out
     why = call.installed.cupy()

@@ -14,6 +14,7 @@ import torch
 from . import batched_linalg, dispatch, gram, linalg, native, nvrtc, triton, update
 from .dispatch import Stage
 from .geometry import conv_geometry
+from .switches import switches
 
 __all__ = ["DEVICE_TYPES", "STAGES", "backend_info", "choices", "format_choices", "representative_calls"]
 
@@ -83,7 +84,8 @@ def backend_info() -> dict:
     ``triton`` / ``triton_gram`` (available or why not; ``compile_failure``: why the kernel stopped
     being used in this process, or None), ``cupy`` (the NVRTC Gram kernel and the batched
     cuSOLVER calls: available or why not, and whether each stage's chooser picks them),
-    ``forced_portable``, ``choosers`` (:func:`choices`: stage → device → each representative
+    ``forced_portable``, ``switches`` (every environment switch of the backends and its value),
+    ``choosers`` (:func:`choices`: stage → device → each representative
     call's ``chosen`` implementation and the ``skipped`` ones with their reasons) and ``stages``
     (accumulate / spectrum / project → device → one line saying what the chooser picks).
     """
@@ -100,6 +102,7 @@ def backend_info() -> dict:
                         "compile_failure": triton.broken("gram")},
         "cupy": _cupy_info(chosen),
         "forced_portable": native.forced_portable(),
+        "switches": switches(),
         "choosers": chosen,
         "stages": {step: {device: _summary(chosen[stage][device]) for device in DEVICE_TYPES}
                    for step, stage in _STEP.items()},
@@ -152,6 +155,7 @@ def format_choices(info: dict) -> str:
                      + (f" (compile failure: {t['compile_failure']})" if t["compile_failure"] else ""))
     cupy = info["cupy"]["gram"]
     lines.append("cupy: " + ("available" if cupy["loaded"] else f"unavailable: {cupy['reason']}"))
+    lines.append("switches: " + " ".join(f"{k}={v}" for k, v in info["switches"].items()))
     if info["forced_portable"]:
         lines.append("SAP_FAST_BACKEND=portable: every stage on its plain-torch implementation")
     for stage, by_device in info["choosers"].items():

@@ -144,3 +144,40 @@ def test_triton_route_tensor_core_modes_equal_rounded_rows(triton_route, precisi
         for name in want:
             assert got[name].count == want[name].count, name
             assert rel_err(got[name].gram.double(), want[name].gram.double()) <= tol, name
+
+
+def _rule(device_type, dtype, input_precision, *, conv, stride_one_spatial, shift_pays, native_cpu,
+          native_cuda, cupy_ok, triton_ok, choice):
+    """The routing rule written out as one function: the chooser must agree with it everywhere."""
+    if device_type == "cpu":
+        if choice == "triton" and triton_ok:
+            return "triton" if (input_precision == "fp32" or dtype == torch.float32) else None
+        return "shift" if (conv and native_cpu and stride_one_spatial and input_precision == "fp32") else None
+    if device_type != "cuda":
+        return None
+    if input_precision != "fp32":
+        return "triton" if (triton_ok and dtype == torch.float32) else None
+    if not conv:
+        return "triton" if (choice == "triton" and triton_ok) else None
+    if choice == "triton" and triton_ok:
+        return "triton"
+    if choice == "shift" and shift_pays:
+        return "torch-shift"
+    if choice == "cupy" and cupy_ok:
+        return "cupy"
+    if choice != "triton":
+        if native_cuda:
+            return "cuda"
+        if cupy_ok:
+            return "cupy"
+    return "triton" if triton_ok else None
+
+
+def test_the_chooser_agrees_with_the_rule_on_every_combination():
+    flags = ["conv", "stride_one_spatial", "shift_pays", "native_cpu", "native_cuda", "cupy_ok", "triton_ok"]
+    for device, dtype, precision, choice in itertools.product(
+            ["cpu", "cuda", "mps"], [F64, F32], ["fp32", "tf32", "bf16"], ["auto", "cuda", "cupy", "triton", "shift"]):
+        for values in itertools.product([False, True], repeat=len(flags)):
+            kw = dict(zip(flags, values))
+            assert gram_route(device, dtype, precision, choice=choice, **kw) == \
+                _rule(device, dtype, precision, choice=choice, **kw), (device, dtype, precision, choice, kw)

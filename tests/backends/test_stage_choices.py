@@ -220,4 +220,5 @@ def test_info_json_is_backend_info(capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["choosers"] == json.loads(json.dumps(sap_fast.backend_info()["choosers"]))
     assert set(printed["choosers"]) == {"gram", "eigh", "cholesky", "update"}
+    assert printed["switches"]["SAP_FAST_BACKEND"] in ("auto", "portable")
     assert all(set(by_device) == {"cpu", "cuda"} for by_device in printed["choosers"].values())
