@@ -46,7 +46,7 @@ from typing import List, Optional
 
 import torch
 
-from . import dispatch, nvrtc, shift, triton
+from . import conv_launch, dispatch, nvrtc, shift, triton
 from .dispatch import Implementation, Stage
 from .geometry import ConvGeometry
 from .native import forced_portable, load as load_native, native
@@ -213,8 +213,8 @@ def _cuda_reasons(call: GramCall) -> List[str]:
         return [why]
     if call.choice == "cupy" and call.installed.cupy() is None:
         return ["SAP_FAST_GRAM_KERNEL=cupy selects the NVRTC build"]
-    if call.geometry is not None and nvrtc.cuda_limits(call.geometry):
-        return [nvrtc.cuda_limits(call.geometry)]
+    if call.geometry is not None and conv_launch.cuda_limits(call.geometry):
+        return [conv_launch.cuda_limits(call.geometry)]
     return []
 
 
@@ -227,8 +227,8 @@ def _cupy_reasons(call: GramCall) -> List[str]:
     why = call.installed.cupy()
     if why:
         return [why]
-    if call.geometry is not None and nvrtc.cuda_limits(call.geometry):
-        return [nvrtc.cuda_limits(call.geometry)]
+    if call.geometry is not None and conv_launch.cuda_limits(call.geometry):
+        return [conv_launch.cuda_limits(call.geometry)]
     return []
 
 

@@ -39,12 +39,9 @@ from .conv_launch import LaunchPlan, conv_gram_shape, cuda_limits  # noqa: F401 
 from .geometry import SHAPE_DTYPE, SHAPE_FIELDS, ConvGeometry  # noqa: F401
 
 __all__ = ["PACKAGE_SOURCE_DIR", "CHECKOUT_SOURCE_DIR", "tile_kernel_name", "dmma_kernel_name",
-           "mirror_kernel_name", "DMMA_MIN_MAJOR", "dmma_allowed", "uses_dmma", "source_dirs",
-           "source_path", "read_source", "nvrtc_version", "load", "available", "CompileError",
-           "gpu_arch", "compile_source", "TILE", "CHUNK", "THREADS_PER_DIM", "MIRROR_THREADS",
-           "ConvGramShape", "cuda_limits", "conv_gram_shape", "upper_tile_count", "grid_fits",
-           "rows_per_split", "tile_grid", "mirror_blocks", "launch", "conv_gram", "struct_fields_in",
-           "default_tiling_in"]
+           "mirror_kernel_name", "source_dirs", "source_path", "read_source", "nvrtc_version", "load",
+           "available", "CompileError", "gpu_arch", "compile_source", "ConvGramShape", "conv_gram_shape",
+           "cuda_limits", "kernel_name", "launch", "conv_gram", "struct_fields_in", "default_tiling_in"]
 
 # -- the sources ---------------------------------------------------------------------------------
 
