@@ -53,7 +53,7 @@ MIN_MB = 5.0  # smallest peak-memory rise worth a ratio
 WORKER = r"""
 import json, resource, time, torch
 from torch import nn
-from sap_fast.accumulate import CHUNK_ELEMENTS, conv_row_chunks
+from sap_fast.accumulate import CHUNK_ELEMENTS, conv_row_chunks, kernel_call
 from sap_fast.backends.gram import gram
 from sap_fast.backends.info import backend_info
 from sap_fast.backends.native import native
@@ -75,7 +75,7 @@ def tiled(x):
     return torch.ops.sap_fast.conv_gram(x, [k, k], [stride] * 2, [pad] * 2, [1, 1], 1, dtype)
 
 def shift(x):
-    return gram(conv, x, dtype, CHUNK_ELEMENTS)
+    return gram(*kernel_call(conv, x, dtype), dtype, CHUNK_ELEMENTS)
 
 run = {{"portable": portable, "tiled": tiled, "shift": shift}}["{kernel}"]
 run(torch.randn(1, c, 2 * k + 1, 2 * k + 1))   # warm-up on a tiny input

@@ -10,10 +10,11 @@ Conv rows are the patches the conv really sees: the input is padded exactly as t
 dimension, so Conv1d/2d/3d, stride, dilation and groups share one code path.
 
 A call whose rows go into a Gram skips the rows altogether where a kernel serves it: the stage
-asks :func:`sap_fast.backends.gram.gram` for the call's Gram (on the CPU, the exact
-shift-correlation Gram of stride-1 convs; on a GPU, the implicit-im2col CUDA or Triton kernels,
-and Triton's tensor-core kernels in the tf32/bf16 modes), and streams rows only when it gets
-None.
+builds the call's geometry once (:func:`kernel_call`: the conv's input padded as the kernels read
+it, and its checked :class:`~sap_fast.backends.geometry.ConvGeometry`), asks the gram stage
+(:func:`sap_fast.backends.layer_gram`) for the Gram (on the CPU, the exact shift-correlation
+Gram of stride-1 convs; on a GPU, the implicit-im2col CUDA or Triton kernels, and Triton's
+tensor-core kernels in the tf32/bf16 modes), and streams rows only when it gets None.
 """
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ from . import distributed
 from ._runtime import checks
 from ._runtime.checks import RunOptions
 from ._runtime.forward import forward_batches
-from ._runtime.geometry import conv_patches, conv_rows
-from .targets import CONV_TYPES, Target, select_targets
-from .backends import gram as gram_backend
+from ._runtime.geometry import conv_patches, conv_rows, kernel_input
+from .backends.geometry import KERNEL_INPUT_DTYPES, ConvGeometry, conv_geometry
+from .backends.gram import gram as layer_gram
 from .backends.precision import INPUT_PRECISIONS, round_inputs
 from .capture import Capture
 from .stats import LayerStats, Stats
+from .targets import CONV_TYPES, Target, select_targets
 
 CHUNK_ELEMENTS = 1 << 23  # default chunk: 8M elements (64 MB in float64)
 
@@ -153,6 +155,20 @@ def collect(model: nn.Module, data, opts: RunOptions, *, layers=None,
     return distributed.reduce_stats(local["records"], layouts, opts.group, opts.device, dtype)
 
 
+def kernel_call(module: nn.Module, x: torch.Tensor,
+                dtype: torch.dtype) -> Optional[Tuple[torch.Tensor, Optional[ConvGeometry]]]:
+    """What the gram stage takes for one layer call: a conv's input padded as the kernels read
+    it and its checked geometry, or a linear layer's input and None; None for a conv input the
+    kernels do not read (not float32/float64: its rows stream, converted)."""
+    if not isinstance(module, CONV_TYPES):
+        return x, None
+    if x.dtype not in KERNEL_INPUT_DTYPES:
+        return None
+    x, padding = kernel_input(module, x)
+    return x, conv_geometry(x, list(module.kernel_size), list(module.stride), padding,
+                            list(module.dilation), module.groups, dtype)
+
+
 def _collect_local(model, data, targets: List[Target], opts: RunOptions, dtype, chunk_rows,
                    input_precision, allow_empty: bool) -> Tuple[Dict[str, LayerStats], int]:
     """One process's pass over ``data``: (records, samples). ``allow_empty``: a rank's empty shard."""
@@ -168,7 +184,9 @@ def _collect_local(model, data, targets: List[Target], opts: RunOptions, dtype, 
         # width; rows are needed while a record keeps them
         rows = conv_rows(module, x) if isinstance(module, CONV_TYPES) else x.numel() // first.d
         if all(r.mode == "gram" or r.count + rows > r.d for r in shared):
-            gram = gram_backend.gram(module, x, dtype, max_rows * first.d * first.groups, input_precision)
+            call = kernel_call(module, x, dtype)
+            gram = None if call is None else layer_gram(
+                *call, dtype, max_rows * first.d * first.groups, input_precision)
             if gram is not None:
                 for record in shared:
                     record.add_gram(gram, rows)

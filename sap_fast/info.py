@@ -1,4 +1,5 @@
-"""``python -m sap_fast.info``: what the native build holds and what each stage will use."""
+"""``python -m sap_fast.info``: :func:`sap_fast.backend_info` as JSON (what was built, and each
+stage's choice with the skipped implementations' reasons); ``sap-fast info`` prints it as text."""
 import json
 
 from .backends.info import backend_info

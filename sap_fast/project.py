@@ -25,13 +25,12 @@ __all__ = ["Projector", "correct", "resolve_solver", "build_projector", "project
 import torch
 from torch import nn
 
-from . import distributed, solve
+from . import backends, distributed, solve
 from ._runtime import checks
 from ._runtime.checks import RunOptions
 from .targets import Target, select_targets
 from .accumulate import collect, first_non_finite
-from .backends import triton
-from .spectrum import LayerSpectrum, decompose, importance
+from .spectrum import LayerSpectrum, decompose
 from .stats import Stats
 
 
@@ -39,24 +38,13 @@ def projected_weight(weight: torch.Tensor, spectrum: LayerSpectrum, alpha: float
                      weight_basis: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``W Wpᵀ`` for ``weight`` ``(groups, out, d)`` (float64 in, float64 out).
 
-    Dispatch point of the project stage: the Triton kernel for CUDA tensors when Triton is
-    available (and compiles here), torch matmuls otherwise (the kernel's tests hold it to this
-    path)."""
+    The project stage: :func:`sap_fast.backends.projected_update` (the fused Triton kernel for
+    CUDA tensors where Triton runs, torch matmuls otherwise; the kernel's tests hold it to the
+    torch path)."""
     u = spectrum.basis
     wu = weight @ u if weight_basis is None else weight_basis
-
-    def portable() -> torch.Tensor:
-        lam = importance(spectrum.energies, alpha).unsqueeze(-2)  # (groups, 1, r)
-        if spectrum.full:
-            return weight - (wu * (1.0 - lam)) @ u.transpose(-1, -2)
-        return (wu * lam) @ u.transpose(-1, -2)
-
-    kernels = triton.compiled("update") if weight.is_cuda else None
-    if kernels is None:
-        return portable()
-    # λ formed inside the kernel, fused with the two products
-    return triton.run("update", lambda: kernels.scaled_update(weight, wu, u, spectrum.eigvals, alpha,
-                                                              full=spectrum.full), portable)
+    return backends.projected_update(weight, wu, u, spectrum.eigvals, spectrum.energies, alpha,
+                                     full=spectrum.full)
 
 
 def resolve_solver(solver: str, *, alphas: Optional[int], spectra: bool = False) -> str:

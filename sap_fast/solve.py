@@ -25,7 +25,7 @@ from typing import List, Optional
 
 import torch
 
-from .backends import batched_linalg
+from . import backends
 from .stats import LayerStats
 
 @dataclass
@@ -69,14 +69,12 @@ def prepare(record, weight: torch.Tensor) -> LayerSolve:
 
 def _factor(prep: LayerSolve, alpha: float):
     """Cholesky factor of ``(α − 1) N + I`` (``N`` = ``normalised``) and its info (0 = success);
-    ``cholesky_ex`` so that no host synchronisation happens here. cuSOLVER's potrfBatched through
-    cupy only when ``SAP_FAST_BATCHED_CHOLESKY=cupy`` (off by default until a GPU measurement
-    shows it wins: :mod:`sap_fast.backends.batched_linalg`)."""
+    ``cholesky_ex`` so that no host synchronisation happens here: :func:`sap_fast.backends.cholesky_ex`
+    (``torch.linalg.cholesky_ex`` by default; ``SAP_FAST_BATCHED_CHOLESKY=cupy`` selects cuSOLVER's
+    potrfBatched through cupy for CUDA batches)."""
     m = prep.normalised * (alpha - 1.0)
     m.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    if batched_linalg.use_for_cholesky(m):
-        return batched_linalg.cholesky_ex(m)
-    return torch.linalg.cholesky_ex(m)
+    return backends.cholesky_ex(m)
 
 
 def solved_weight(prep: LayerSolve, alpha: float):

@@ -11,10 +11,9 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from . import distributed
+from . import backends, distributed
 from ._runtime.checks import resolve_group
-from .backends import batched_linalg
-from .backends.native import native_cuda
+from .backends.update import importance
 from .stats import LayerStats, Stats
 
 
@@ -40,16 +39,12 @@ class LayerSpectrum:
                            torch.zeros_like(self.eigvals))
 
 
-def importance(s: torch.Tensor, alpha: float) -> torch.Tensor:
-    """λ = α s / ((α − 1) s + 1): ≈ 1 where s ≫ 1/α, ≈ α s where s ≪ 1/α."""
-    return alpha * s / ((alpha - 1.0) * s + 1.0)
-
-
 def layer_spectrum(record: LayerStats) -> LayerSpectrum:
-    """Dispatch point of the spectrum stage, always float64: the native cuSOLVER entry point for
-    CUDA Grams when the extension has CUDA, torch.linalg otherwise; cuSOLVER's syevjBatched
-    through cupy for CUDA batches of n ≤ 32 only when ``SAP_FAST_BATCHED_EIGH=cupy`` (off by
-    default until a GPU measurement shows it wins: :mod:`sap_fast.backends.batched_linalg`).
+    """The spectrum stage, always float64: a Gram's eigendecomposition by
+    :func:`sap_fast.backends.eigh` (by default the CMake-built cuSOLVER op for CUDA Grams where
+    the extension has CUDA, ``torch.linalg.eigh`` otherwise; ``SAP_FAST_BATCHED_EIGH=cupy``
+    selects cuSOLVER's syevjBatched through cupy for CUDA batches of n ≤ 32), or the thin SVD of
+    a record that kept its rows.
 
     A float32 Gram is decomposed in float64 too: its rounding is already done, but a float32
     ``eigh`` would add 10-30x more error on the small eigenvalues that large α depends on.
@@ -59,12 +54,7 @@ def layer_spectrum(record: LayerStats) -> LayerSpectrum:
         return LayerSpectrum(sigma.square(), vh.transpose(-1, -2))
     gram = record.gram.double()
     gram = (gram + gram.transpose(-1, -2)) / 2  # exact symmetry; eigh reads one triangle anyway
-    if batched_linalg.use_for_eigh(gram):  # opt-in: one syevjBatched call for the whole batch
-        eigvals, basis = batched_linalg.eigh(gram)
-    elif gram.is_cuda and native_cuda():  # cuSOLVER: batched syevj / syevd on streams
-        eigvals, basis = torch.ops.sap_fast.eigh(gram)
-    else:
-        eigvals, basis = torch.linalg.eigh(gram)
+    eigvals, basis = backends.eigh(gram)
     # descending order like the SVD; round-off can leave tiny negatives: they carry no energy
     return LayerSpectrum(eigvals.flip(-1).clamp_min(0), basis.flip(-1))
 

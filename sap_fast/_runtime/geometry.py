@@ -1,13 +1,13 @@
 """The patches a conv really reads: its padding (``padding_mode`` and ``'same'`` included), the
 padded input size, the number of rows of its patch matrix, and a view of every patch.
 
-Shared by the statistics pass (which unfolds rows on the portable path) and the Gram backends
-(which pad the input the same way before a kernel reads it), so both see one geometry.
+Shared by the statistics pass: the rows it unfolds on the portable path, and the input it hands
+the Gram kernels (:func:`kernel_input`, padded the same way), so both see one geometry.
 """
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,19 @@ def conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if dil > 1:
             x = x[..., ::dil]
     return x
+
+
+def kernel_input(conv: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+    """The conv's input as the Gram kernels read it, batched, and their zero padding per spatial
+    dim (first dim first): the kernels pad zeros symmetrically, so other padding modes and
+    asymmetric ``'same'`` padding are applied here, and the padding left is zero."""
+    if x.dim() == len(conv.kernel_size) + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    pads = conv_padding(conv)
+    low, high = pads[0::2][::-1], pads[1::2][::-1]  # per spatial dim, first dim first
+    if conv.padding_mode == "zeros" and low == high:
+        return x, low
+    return F.pad(x, pads, mode=pad_mode(conv)), [0] * len(low)
 
 
 def padded_size(conv: nn.Module, x: torch.Tensor) -> List[int]:

@@ -9,16 +9,16 @@ batched routines for exactly that, which torch does not call for every size:
 - :func:`cholesky_ex`: ``potrfBatched`` (one call over an array of matrix pointers), the contract
   of ``torch.linalg.cholesky_ex(m)``, for the solve route (:mod:`sap_fast.solve`).
 
-Neither is routed by default. The rule is to route a batch here only where a GPU measurement
-shows it beats ``torch.linalg.eigh`` / ``cholesky_ex`` (and the CMake-built eigh) on that batch;
-until one does (``benchmarks/gpu_cupy.py``), the default stays torch, and these run only when
-asked for:
+Neither serves a batch by default: the spectrum stage's default is the CMake-built cuSOLVER op
+where built, else ``torch.linalg.eigh``, and the solve's is ``torch.linalg.cholesky_ex``
+(:mod:`.linalg` holds both choosers). The switches select these instead:
 
-- ``SAP_FAST_BATCHED_EIGH``: ``auto`` (default: the CMake-built cuSOLVER op where built, else
-  ``torch.linalg.eigh``) or ``cupy`` (``syevjBatched`` for CUDA batches with n ≤ 32; larger ones
-  stay on the default);
-- ``SAP_FAST_BATCHED_CHOLESKY``: ``auto`` (default: ``torch.linalg.cholesky_ex``) or ``cupy``
-  (``potrfBatched`` for CUDA batches).
+- ``SAP_FAST_BATCHED_EIGH``: ``auto`` (default) or ``cupy`` (``syevjBatched`` for CUDA batches
+  with n ≤ 32; larger ones stay on the default);
+- ``SAP_FAST_BATCHED_CHOLESKY``: ``auto`` (default) or ``cupy`` (``potrfBatched`` for CUDA
+  batches).
+
+``benchmarks/gpu_cupy.py`` times each against the default on a GPU.
 
 Where cupy cannot run (see :func:`load`), ``cupy`` falls back to the default quietly;
 ``backend_info()["cupy"]`` says why. Memory comes from torch's caching allocator, the calls are
@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
 from . import cupy_runtime
 from .switches import switch
+
+__all__ = ["CHOICES", "MAX_JACOBI_SIZE", "eigh_choice", "cholesky_choice", "load", "eigh_reasons",
+           "cholesky_reasons", "eigh_route", "cholesky_route", "use_for_eigh", "use_for_cholesky",
+           "syevj_batched", "potrf_batched", "on_stream", "eigh", "cholesky_ex", "check_info"]
 
 CHOICES = ("auto", "cupy")
 MAX_JACOBI_SIZE = 32  # syevjBatched's limit on n
@@ -45,18 +49,14 @@ _EIG_MODE_VECTOR, _FILL_LOWER, _FILL_UPPER = 1, 0, 1
 _PREFIX = {torch.float32: "s", torch.float64: "d"}
 
 
-def _choice(variable: str) -> str:
-    return switch(variable)
-
-
 def eigh_choice() -> str:
     """``SAP_FAST_BATCHED_EIGH`` (see the module docstring)."""
-    return _choice("SAP_FAST_BATCHED_EIGH")
+    return switch("SAP_FAST_BATCHED_EIGH")
 
 
 def cholesky_choice() -> str:
     """``SAP_FAST_BATCHED_CHOLESKY`` (see the module docstring)."""
-    return _choice("SAP_FAST_BATCHED_CHOLESKY")
+    return switch("SAP_FAST_BATCHED_CHOLESKY")
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,35 +77,62 @@ def load():
     return _cusolver_probe()
 
 
+def _cupy_why() -> Optional[str]:
+    return load()[1]
+
+
+def eigh_reasons(device_type: str, n: int, choice: str, cupy_why: Callable[[], Optional[str]] = _cupy_why,
+                 dtype: Optional[torch.dtype] = None) -> List[str]:
+    """Why :func:`eigh` (syevjBatched) does not serve a batch of n×n Grams (empty = it does):
+    only when asked (``SAP_FAST_BATCHED_EIGH=cupy``), on a GPU, for n ≤ 32, float32/float64,
+    where cupy runs (``cupy_why()``: why not, asked last)."""
+    if device_type != "cuda":
+        return [f"runs on CUDA tensors, not {device_type}"]
+    out = []
+    if choice != "cupy":
+        out.append("SAP_FAST_BATCHED_EIGH=cupy selects it")
+    if not 0 < n <= MAX_JACOBI_SIZE:
+        out.append(f"syevjBatched takes 0 < n ≤ {MAX_JACOBI_SIZE}, got n = {n}")
+    if dtype is not None and dtype not in _PREFIX:
+        out.append(f"float32/float64 only, got {dtype}")
+    return out or [why for why in [cupy_why()] if why]
+
+
+def cholesky_reasons(device_type: str, choice: str, cupy_why: Callable[[], Optional[str]] = _cupy_why,
+                     dtype: Optional[torch.dtype] = None) -> List[str]:
+    """Why :func:`cholesky_ex` (potrfBatched) does not serve a batch (empty = it does): only
+    when asked (``SAP_FAST_BATCHED_CHOLESKY=cupy``), on a GPU, float32/float64, where cupy runs."""
+    if device_type != "cuda":
+        return [f"runs on CUDA tensors, not {device_type}"]
+    out = []
+    if choice != "cupy":
+        out.append("SAP_FAST_BATCHED_CHOLESKY=cupy selects it")
+    if dtype is not None and dtype not in _PREFIX:
+        out.append(f"float32/float64 only, got {dtype}")
+    return out or [why for why in [cupy_why()] if why]
+
+
 def eigh_route(device_type: str, n: int, choice: str, cupy_ok: bool) -> str:
     """``"cupy"`` (syevjBatched) or ``"default"`` (the spectrum stage's own choice) for one
     float32/float64 batch of n×n Grams: cupy only when asked, on a GPU, for n ≤ 32."""
-    if choice == "cupy" and cupy_ok and device_type == "cuda" and 0 < n <= MAX_JACOBI_SIZE:
-        return "cupy"
-    return "default"
+    return "default" if eigh_reasons(device_type, n, choice, lambda: None if cupy_ok else "no cupy") else "cupy"
 
 
 def cholesky_route(device_type: str, choice: str, cupy_ok: bool) -> str:
     """``"cupy"`` (potrfBatched) or ``"default"`` (``torch.linalg.cholesky_ex``)."""
-    return "cupy" if (choice == "cupy" and cupy_ok and device_type == "cuda") else "default"
+    return "default" if cholesky_reasons(device_type, choice, lambda: None if cupy_ok else "no cupy") else "cupy"
 
 
 def use_for_eigh(gram: torch.Tensor) -> bool:
     """Whether :func:`eigh` serves this Gram batch (never unless ``SAP_FAST_BATCHED_EIGH=cupy``:
     with the default, cupy is not even imported)."""
-    choice = eigh_choice()
-    if choice != "cupy" or not gram.is_cuda or gram.dtype not in _PREFIX:
-        return False
-    return eigh_route(gram.device.type, gram.shape[-1], choice, load()[0] is not None) == "cupy"
+    return not eigh_reasons(gram.device.type, gram.shape[-1], eigh_choice(), dtype=gram.dtype)
 
 
 def use_for_cholesky(m: torch.Tensor) -> bool:
     """Whether :func:`cholesky_ex` serves this batch (never unless
     ``SAP_FAST_BATCHED_CHOLESKY=cupy``)."""
-    choice = cholesky_choice()
-    if choice != "cupy" or not m.is_cuda or m.dtype not in _PREFIX:
-        return False
-    return cholesky_route(m.device.type, choice, load()[0] is not None) == "cupy"
+    return not cholesky_reasons(m.device.type, cholesky_choice(), dtype=m.dtype)
 
 
 # -- argument handling -------------------------------------------------------------------------
@@ -223,8 +250,8 @@ def eigh(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     lower triangle; (n, n) gives (n,) and (n, n). CUDA float32/float64, n ≤ 32.
 
     Reads ``info`` once (a host synchronisation, as ``torch.linalg.eigh`` makes) and raises
-    RuntimeError naming the first matrix that did not converge. Not routed by default: see the
-    module docstring (``SAP_FAST_BATCHED_EIGH=cupy``).
+    RuntimeError naming the first matrix that did not converge. Serves the spectrum stage with
+    ``SAP_FAST_BATCHED_EIGH=cupy`` (see the module docstring).
     """
     cp, lib = _runtime("eigh", gram)
     _check_batch(gram, "eigh", "gram", MAX_JACOBI_SIZE)
@@ -238,8 +265,8 @@ def eigh(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def cholesky_ex(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.cholesky_ex(m)`` by one ``potrfBatched`` call: (L, info), with no host
     synchronisation (``info`` stays on the device; :func:`sap_fast.solve.check_infos` reads it
-    once per α). CUDA float32/float64, (n, n) or (B, n, n). Not routed by default: see the module
-    docstring (``SAP_FAST_BATCHED_CHOLESKY=cupy``)."""
+    once per α). CUDA float32/float64, (n, n) or (B, n, n). Serves the solve with
+    ``SAP_FAST_BATCHED_CHOLESKY=cupy`` (see the module docstring)."""
     cp, lib = _runtime("cholesky_ex", m)
     _check_batch(m, "cholesky_ex", "m")
     with torch.cuda.device(m.device), on_stream(cp, lib, m.device.index,

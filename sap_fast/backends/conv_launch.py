@@ -10,7 +10,7 @@ one reader of the environment).
 
 - The nvcc-built op. ``torch.ops.sap_fast.conv_gram`` keeps its schema, checks, one-line
   messages and result on CUDA; its CUDA kernel is :func:`conv_gram_cuda`, in Python (registered
-  by :mod:`.ops` when ``sap_fast._C`` holds the CUDA launch op): it checks the call
+  by :mod:`._ops` when ``sap_fast._C`` holds the CUDA launch op): it checks the call
   (:func:`conv_gram_shape`), computes the plan, allocates the Gram and hands both to
   ``torch.ops.sap_fast.conv_gram_launch`` (``csrc/cuda/conv_gram.cu``). That C++ op only
   launches: it checks every input in one block (devices, dtypes, contiguity, the Gram's shape,
@@ -224,7 +224,7 @@ def launch_op_args(plan_: LaunchPlan) -> Tuple[int, bool, int, int]:
 
 def conv_gram_cuda(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                    dilation: Sequence[int], groups: int, dtype: torch.dtype, launch=None) -> torch.Tensor:
-    """``torch.ops.sap_fast.conv_gram`` on CUDA (its CUDA kernel, registered by :mod:`.ops`):
+    """``torch.ops.sap_fast.conv_gram`` on CUDA (its CUDA kernel, registered by :mod:`._ops`):
     the op's checks and messages, the plan for x's device, then one call of the C++ launch op
     (``launch``, default ``torch.ops.sap_fast.conv_gram_launch``), which writes the whole Gram on
     the current stream. A non-contiguous x is copied once. Returns ``(groups, d, d)``, exactly

@@ -18,6 +18,8 @@ import logging
 from .._runtime.checks import first_line
 from .native import forced_portable
 
+__all__ = ["INSTALL_HINT", "typed_first_line", "load", "stream_of"]
+
 log = logging.getLogger("sap_fast")
 INSTALL_HINT = ("pip install 'sap_fast[cupy]' (cupy-cuda13x; cupy-cuda12x instead on a machine "
                 "whose driver is CUDA 12)")

@@ -15,9 +15,11 @@ from typing import List, Sequence, Tuple
 import numpy
 import torch
 
-__all__ = ["ConvGeometry", "SHAPE_DTYPE", "SHAPE_FIELDS", "conv_geometry"]
+__all__ = ["ConvGeometry", "KERNEL_INPUT_DTYPES", "SHAPE_DTYPE", "SHAPE_FIELDS", "conv_geometry"]
 
-_DTYPES = (torch.float32, torch.float64)
+#: the input (and accumulation) dtypes every Gram kernel reads
+KERNEL_INPUT_DTYPES = (torch.float32, torch.float64)
+_DTYPES = KERNEL_INPUT_DTYPES
 
 #: ``sap_fast::cuda::ConvGramShape``, field for field (all int64, so no padding): the tile kernel
 #: takes it by value.

@@ -1,23 +1,30 @@
-"""The Gram of one layer call without its rows: which kernel serves it, and the call.
+"""The Gram of one layer call without its rows: the gram stage's implementations, its chooser,
+and the call.
 
-:func:`gram` is the accumulate stage's one dispatch point. It looks at the call (conv or linear,
-stride, device, dtype, input precision), asks :func:`route` which kernel serves it, and runs
-that kernel; it returns None when none does, and the caller streams rows on the portable path.
-:func:`route` is the decision alone, a pure function of plain flags (tested by itself).
+:func:`gram` is the accumulate stage's one dispatch point. It takes the call's input (a conv's
+input padded as the kernels expect it, with its :class:`~.geometry.ConvGeometry`; or a linear
+layer's input and no geometry), reads the switches and the installed backends into a
+:class:`GramCall`, lets :data:`GRAM` choose (:func:`.dispatch.choose`) and runs the choice. The
+last implementation, ``"rows"``, returns None: the caller streams rows on the portable path.
+:func:`route` is the same choice on plain flags (tested by itself).
 
-Kernels:
+Implementations, in priority order:
 
-- ``"shift"``: the C++ shift-correlation Gram (``torch.ops.sap_fast.conv_gram_shift``), for
-  stride-1 convs with a kernel larger than 1 on the CPU;
 - ``"cuda"``: the implicit-im2col CUDA kernel (``torch.ops.sap_fast.conv_gram``), convs on a GPU;
   a float64 Gram runs its product on the FP64 tensor cores from sm_80 on (DMMA tiles,
   ``SAP_FAST_GRAM_DMMA=0`` keeps the FMA tiles), the FMA tiles elsewhere;
 - ``"cupy"``: the same CUDA kernel compiled at run time by NVRTC through cupy (:mod:`.nvrtc`),
   convs on a GPU whose install has no CMake-built CUDA kernels (torch from a wheel, no toolkit);
 - ``"triton"``: the Triton implicit-im2col kernel (:mod:`.triton.gram`), convs, and linear
-  layers as 1×1 convs;
+  layers as 1×1 convs; the only kernels of the tf32/bf16 modes;
 - ``"torch-shift"``: the shift-correlation form in torch weight-gradient convs (:mod:`.shift`,
-  cuDNN on a GPU).
+  cuDNN on a GPU);
+- ``"shift"``: the C++ shift-correlation Gram (``torch.ops.sap_fast.conv_gram_shift``), for
+  stride-1 convs with a kernel larger than 1 on the CPU;
+- ``"triton-interpreter"``: the Triton kernels run by Triton's interpreter on the CPU
+  (``TRITON_INTERPRET=1`` and ``SAP_FAST_GRAM_KERNEL=triton``): the CPU twin of every GPU mode,
+  for tests and dry runs;
+- ``"rows"``: None; the caller streams rows (unfold + GEMM on the portable path).
 
 ``SAP_FAST_GRAM_KERNEL`` (GPU, fp32/fp64 Grams): ``auto`` (default: the CUDA kernel for convs,
 CMake-built if present, else through NVRTC if cupy runs, else Triton; cuBLAS on the streamed
@@ -25,35 +32,31 @@ rows for linear layers), ``cuda``, ``cupy`` (the NVRTC build of the CUDA kernel 
 CMake-built one is present), ``triton`` (Triton for both: it computes only the upper triangle,
 half of cuBLAS's full product for ViT's linear layers), or ``shift`` (stride-1 1-D/2-D convs by
 :mod:`.shift` where it does fewer multiply-adds). A choice that cannot run here falls back to
-what ``auto`` picks (``triton`` to the portable path). The tf32/bf16 modes exist only as Triton
-kernels.
-
-Which kernel ``auto`` gives a float64 conv Gram on an H100 is a measured choice, and no GPU has
-measured it yet: the CUDA kernel on FP64 tensor cores (about twice the FP64 FMA rate, and the
-same tiles on FMAs before sm_80), Triton's fp64 kernel (its ``tl.dot`` on DMMA too), or cuBLAS
-on unfolded chunks of rows (the portable path; DMMA GEMMs, but R is materialised). Until
-``benchmarks/gpu_gram.py`` times them (fp64 against fp64-triton, and fp64 again with
-``SAP_FAST_GRAM_DMMA=0`` for the FMA tiles), ``auto`` stays as above: the CUDA kernel, now on
-tensor cores from sm_80 on; its result is the same Gram either way (the tests hold both tile
-paths to the float64 oracle).
+what ``auto`` picks (``triton`` to the portable path). A float64 conv Gram on a GPU goes to the
+CUDA kernel (on the FP64 tensor cores from sm_80 on) by default; ``SAP_FAST_GRAM_KERNEL=triton``
+selects Triton's fp64 kernel and ``SAP_FAST_BACKEND=portable`` cuBLAS on unfolded chunks of
+rows; ``benchmarks/gpu_gram.py`` times the three. The tests hold every one of them to the
+float64 oracle.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .._runtime.geometry import conv_padding, pad_mode, padded_size
-from . import nvrtc, shift, triton
-from .native import native, native_cuda
+from . import conv_launch, dispatch, nvrtc, shift, triton
+from .dispatch import Implementation, Stage
+from .geometry import ConvGeometry
+from .native import forced_portable, load as load_native, native
 from .precision import kernel_mode
 from .switches import SWITCHES, switch
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the conv layers SAP covers (sap_fast.targets)
+__all__ = ["GRAM", "GramCall", "KERNEL_CHOICES", "gram", "gram_call", "kernel_choice", "route"]
+
 KERNEL_CHOICES = SWITCHES["SAP_FAST_GRAM_KERNEL"][0]
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def kernel_choice() -> str:
@@ -61,11 +64,312 @@ def kernel_choice() -> str:
     return switch("SAP_FAST_GRAM_KERNEL")
 
 
+# -- what the chooser reads -----------------------------------------------------------------------
+
+class _Installed:
+    """The backends installed here, each probed when first asked (cupy only where a choice
+    reaches it): why each cannot run, or None."""
+
+    def native_cpu(self) -> Optional[str]:
+        if forced_portable():
+            return "SAP_FAST_BACKEND=portable"
+        return load_native()[1]
+
+    def native_cuda(self) -> Optional[str]:
+        why = self.native_cpu()
+        if why is None and not native().build_info()["cuda"]:
+            why = "the native extension sap_fast._C was built without its CUDA kernels"
+        return why
+
+    def cupy(self) -> Optional[str]:
+        return nvrtc.load()[1]
+
+    def triton(self, device_type: str) -> Optional[str]:
+        return triton.why_not("gram", device_type)
+
+
+class _Flags(_Installed):
+    """The backends as plain flags (:func:`route`)."""
+
+    def __init__(self, native_cpu: bool, native_cuda: bool, cupy_ok: bool, triton_ok: bool):
+        self.flags = dict(native_cpu=native_cpu, native_cuda=native_cuda, cupy=cupy_ok, triton=triton_ok)
+
+    def _why(self, name: str, what: str) -> Optional[str]:
+        return None if self.flags[name] else f"{what} cannot run here"
+
+    def native_cpu(self):
+        return self._why("native_cpu", "the native extension")
+
+    def native_cuda(self):
+        return self._why("native_cuda", "the CMake-built CUDA kernel")
+
+    def cupy(self):
+        return self._why("cupy", "cupy (NVRTC)")
+
+    def triton(self, device_type):
+        return self._why("triton", "Triton")
+
+
+@dataclass(frozen=True)
+class GramCall:
+    """One call of the gram stage, as its chooser reads it.
+
+    ``device_type``, ``dtype`` (the Gram's), ``input_precision``; ``conv`` (False: a linear
+    layer); ``stride_one`` (a stride-1 conv with a kernel larger than 1); ``shift_pays``
+    (``SAP_FAST_GRAM_KERNEL=shift`` and :func:`.shift.pays` for a 1-D/2-D stride-1 conv);
+    ``choice`` (``SAP_FAST_GRAM_KERNEL``, read where a kernel it selects can run); ``installed``
+    (the backends: why each cannot run); and for a real call the tensors: ``x``, ``geometry``,
+    ``max_elements`` (the CPU shift kernel's scratch bound)."""
+    device_type: str
+    dtype: torch.dtype
+    input_precision: str
+    conv: bool
+    stride_one: bool = False
+    shift_pays: bool = False
+    choice: str = "auto"
+    installed: _Installed = _Installed()
+    x: Optional[torch.Tensor] = None
+    geometry: Optional[ConvGeometry] = None
+    max_elements: int = 1 << 62
+    x_dtype: torch.dtype = torch.float32
+
+    @property
+    def mode(self) -> str:
+        return kernel_mode(self.dtype, self.input_precision)
+
+    def describe(self) -> str:
+        """One line: the call's device, layer kind and modes."""
+        if self.geometry is not None:
+            g = self.geometry
+            k = "×".join(str(v) for v in g.dims["kernel"])
+            s = "×".join(str(v) for v in g.dims["stride"])
+            layer = f"{k} conv, stride {s}" + (f", {g.groups} groups" if g.groups > 1 else "")
+        else:
+            layer = "conv" if self.conv else "linear layer"
+        return (f"{self.device_type} {layer}, {str(self.x_dtype).replace('torch.', '')} inputs, "
+                f"{self.input_precision} precision, {str(self.dtype).replace('torch.', '')} Gram")
+
+
+def _choice_for(device_type: str) -> str:
+    """``SAP_FAST_GRAM_KERNEL``, read for GPU tensors, and on the CPU under Triton's interpreter
+    (where ``triton`` runs the interpreted kernels); other CPU calls have one route each."""
+    if device_type == "cuda" or triton.why_not("gram", device_type) is None:
+        return kernel_choice()
+    return "auto"
+
+
+def gram_call(x: torch.Tensor, geometry: Optional[ConvGeometry], dtype: torch.dtype,
+              input_precision: str = "fp32", max_elements: int = 1 << 62,
+              device_type: Optional[str] = None) -> GramCall:
+    """The :class:`GramCall` of one layer call: ``x`` and ``geometry`` as :func:`gram` takes them
+    (``x`` may be a ``meta`` tensor with ``device_type`` given: :func:`sap_fast.backend_info`
+    asks the chooser that way)."""
+    device_type = device_type or x.device.type
+    choice = _choice_for(device_type)
+    conv = geometry is not None
+    stride_one = conv and all(s == 1 for s in geometry.stride) and geometry.taps > 1
+    pays = (choice == "shift" and stride_one and geometry.spatial <= 2
+            and shift.pays([geometry.in_size[i] + 2 * geometry.padding[i] for i in range(3)][3 - geometry.spatial:],
+                           geometry.dims["kernel"], geometry.dims["dilation"]))
+    return GramCall(device_type, dtype, input_precision, conv=conv, stride_one=stride_one, shift_pays=pays,
+                    choice=choice, x=x, geometry=geometry, max_elements=max_elements, x_dtype=x.dtype)
+
+
+# -- the implementations' reasons ------------------------------------------------------------------
+
+def _gpu_exact(call: GramCall, what: str) -> List[str]:
+    """Reasons shared by the fp32/fp64 GPU conv kernels (cuda, cupy, torch-shift)."""
+    if call.device_type != "cuda":
+        return [f"{what} runs on CUDA tensors, not {call.device_type}"]
+    out = []
+    if call.input_precision != "fp32":
+        out.append(f"input_precision={call.input_precision} runs only as Triton kernels")
+    if not call.conv:
+        out.append("linear layers: cuBLAS on the streamed rows (SAP_FAST_GRAM_KERNEL=triton selects "
+                   "Triton's upper triangle)")
+    if call.x_dtype not in _KERNEL_DTYPES:
+        out.append(f"{call.x_dtype} inputs: the kernels read float32/float64")
+    return out
+
+
+def _others_selected(call: GramCall, me: str) -> List[str]:
+    """The switch choices that send a GPU conv to a kernel after ``me`` in priority."""
+    out = []
+    if call.choice == "triton" and me != "triton":
+        out.append("SAP_FAST_GRAM_KERNEL=triton selects Triton")
+    if call.choice == "shift" and call.shift_pays and me != "torch-shift":
+        out.append("SAP_FAST_GRAM_KERNEL=shift selects the torch shift form, which pays for this geometry")
+    return out
+
+
+def _cuda_reasons(call: GramCall) -> List[str]:
+    out = _gpu_exact(call, "the CMake-built CUDA kernel")
+    if call.device_type == "cuda":
+        out += _others_selected(call, "cuda")
+    if out:
+        return out
+    why = call.installed.native_cuda()
+    if why:
+        return [why]
+    if call.choice == "cupy" and call.installed.cupy() is None:
+        return ["SAP_FAST_GRAM_KERNEL=cupy selects the NVRTC build"]
+    if call.geometry is not None and conv_launch.cuda_limits(call.geometry):
+        return [conv_launch.cuda_limits(call.geometry)]
+    return []
+
+
+def _cupy_reasons(call: GramCall) -> List[str]:
+    out = _gpu_exact(call, "the NVRTC build of the CUDA kernel")
+    if call.device_type == "cuda":
+        out += _others_selected(call, "cupy")
+    if out:
+        return out
+    why = call.installed.cupy()
+    if why:
+        return [why]
+    if call.geometry is not None and conv_launch.cuda_limits(call.geometry):
+        return [conv_launch.cuda_limits(call.geometry)]
+    return []
+
+
+def _triton_modes(call: GramCall) -> List[str]:
+    if call.input_precision != "fp32" and call.dtype != torch.float32:
+        return [f"a float64 Gram of {call.input_precision}-rounded inputs has no Triton kernel (the "
+                "rounded rows are summed in float64)"]
+    if call.x_dtype not in _KERNEL_DTYPES:
+        return [f"{call.x_dtype} inputs: the kernels read float32/float64"]
+    return []
+
+
+def _triton_reasons(call: GramCall) -> List[str]:
+    if call.device_type != "cuda":
+        return [f"the compiled Triton kernels run on CUDA tensors, not {call.device_type}"]
+    out = _triton_modes(call)
+    if call.input_precision == "fp32":
+        if not call.conv and call.choice != "triton":
+            out.append("linear layers: cuBLAS on the streamed rows (SAP_FAST_GRAM_KERNEL=triton selects "
+                       "Triton's upper triangle)")
+        out += _others_selected(call, "triton")
+    if out:
+        return out
+    why = call.installed.triton("cuda")
+    return [why] if why else []
+
+
+def _torch_shift_reasons(call: GramCall) -> List[str]:
+    out = _gpu_exact(call, "the torch shift form")
+    if out and call.device_type != "cuda":
+        return out
+    if call.choice != "shift":
+        out.append("SAP_FAST_GRAM_KERNEL=shift selects it")
+    elif not call.shift_pays:
+        out.append("not a 1-D/2-D stride-1 conv where the shift form does fewer multiply-adds")
+    return out
+
+
+def _interpreter_asked(call: GramCall) -> bool:
+    return call.device_type == "cpu" and call.choice == "triton" and call.installed.triton("cpu") is None
+
+
+def _shift_reasons(call: GramCall) -> List[str]:
+    if call.device_type != "cpu":
+        return [f"the C++ shift kernel runs on CPU tensors, not {call.device_type}"]
+    out = []
+    if not call.conv:
+        out.append("linear layers: a GEMM on the streamed rows")
+    elif not call.stride_one:
+        out.append("not a stride-1 conv with a kernel larger than 1")
+    if call.input_precision != "fp32":
+        out.append(f"input_precision={call.input_precision}: the rounded rows stream")
+    if call.x_dtype not in _KERNEL_DTYPES:
+        out.append(f"{call.x_dtype} inputs: the kernels read float32/float64")
+    if out:
+        return out
+    why = call.installed.native_cpu()
+    if why:
+        return [why]
+    if _interpreter_asked(call):
+        return ["SAP_FAST_GRAM_KERNEL=triton selects Triton's interpreter (TRITON_INTERPRET=1)"]
+    return []
+
+
+def _interpreter_reasons(call: GramCall) -> List[str]:
+    if call.device_type != "cpu":
+        return [f"Triton's interpreter serves CPU tensors, not {call.device_type}"]
+    out = []
+    if call.choice != "triton":
+        out.append("SAP_FAST_GRAM_KERNEL=triton selects it (with TRITON_INTERPRET=1)")
+    out += _triton_modes(call)
+    if out:
+        return out
+    why = call.installed.triton("cpu")
+    return [why] if why else []
+
+
+# -- the implementations' calls --------------------------------------------------------------------
+
+def _dims(call: GramCall):
+    dims = call.geometry.dims
+    return dims["kernel"], dims["stride"], dims["padding"], dims["dilation"], call.geometry.groups
+
+
+def _run_cuda(call: GramCall) -> torch.Tensor:
+    k, s, p, dil, groups = _dims(call)
+    return torch.ops.sap_fast.conv_gram(call.x, k, s, p, dil, groups, call.dtype)
+
+
+def _run_cupy(call: GramCall) -> torch.Tensor:
+    k, s, p, dil, groups = _dims(call)
+    return nvrtc.conv_gram(call.x, k, s, p, dil, groups, call.dtype)
+
+
+def _run_triton(call: GramCall) -> torch.Tensor:
+    kernels = triton.load("gram")[0]
+    if call.geometry is None:  # every row of the input, any leading dims
+        return kernels.linear_gram(call.x.reshape(-1, call.x.shape[-1]), call.mode)
+    return kernels.conv_gram(call.x, geometry=call.geometry, precision=call.mode)
+
+
+def _run_torch_shift(call: GramCall) -> Optional[torch.Tensor]:
+    return shift.shift_gram(call.x, geometry=call.geometry, dtype=call.dtype)
+
+
+def _run_shift(call: GramCall) -> torch.Tensor:
+    """The C++ shift kernel, in whole samples bounded by its zero-margined copy."""
+    k, _, p, dil, groups = _dims(call)
+    x, spatial = call.x, call.geometry.spatial
+    margined = math.prod(x.shape[2 + i] + 2 * dil[i] * (k[i] - 1) for i in range(spatial))
+    step = max(1, call.max_elements // (margined * x.shape[1]))
+    total = None
+    for part in x.split(step):
+        g = torch.ops.sap_fast.conv_gram_shift(part, k, p, dil, groups, call.dtype)
+        total = g if total is None else total.add_(g)
+    return total
+
+
+GRAM = Stage("gram", (
+    Implementation("cuda", "native: implicit-im2col CUDA Gram kernel", _cuda_reasons, _run_cuda),
+    Implementation("cupy", "cupy: implicit-im2col Gram kernel (CUDA source compiled by NVRTC)",
+                   _cupy_reasons, _run_cupy),
+    Implementation("triton", "triton: implicit-im2col Gram kernel", _triton_reasons, _run_triton,
+                   triton_kernel="gram"),
+    Implementation("torch-shift", "torch: shift-correlation Gram in weight-gradient convs",
+                   _torch_shift_reasons, _run_torch_shift),
+    Implementation("shift", "native: shift-correlation Gram (C++)", _shift_reasons, _run_shift),
+    Implementation("triton-interpreter", "triton: implicit-im2col Gram kernel in Triton's interpreter",
+                   _interpreter_reasons, _run_triton, triton_kernel="gram"),
+    Implementation("rows", "portable: streamed rows (unfold + GEMM)", lambda call: [], lambda call: None),
+))
+
+_ROUTE_NAMES = {"rows": None, "triton-interpreter": "triton"}
+
+
 def route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: bool,
           stride_one_spatial: bool = False, shift_pays: bool = False, native_cpu: bool = False,
           native_cuda: bool = False, cupy_ok: bool = False, triton_ok: bool = False,
           choice: str = "auto") -> Optional[str]:
-    """Which kernel computes one call's Gram, or None (stream rows on the portable path).
+    """The chooser of :data:`GRAM` on plain flags: which kernel computes one call's Gram
+    (``"triton"`` for the interpreted kernels too), or None (stream rows on the portable path).
 
     GPU modes: fp64 (float64 Gram of fp32 inputs) and fp32 go to the CUDA kernel for convs and
     to cuBLAS for linear layers. The CUDA kernel is the CMake-built one (``native_cuda``), else
@@ -77,104 +381,21 @@ def route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: b
     with Triton's interpreter running (``triton_ok``) sends every call that Triton serves on a
     GPU to the interpreted kernel: the CPU twin of every GPU mode, for tests and dry runs.
     """
-    if device_type == "cpu":
-        if choice == "triton" and triton_ok:  # Triton's interpreter, asked for by name
-            return "triton" if (input_precision == "fp32" or dtype == torch.float32) else None
-        return "shift" if (conv and native_cpu and stride_one_spatial and input_precision == "fp32") else None
-    if device_type != "cuda":
-        return None
-    if input_precision != "fp32":
-        return "triton" if (triton_ok and dtype == torch.float32) else None
-    if not conv:  # cuBLAS (a full baddbmm) on the streamed rows, or Triton's upper triangle
-        return "triton" if (choice == "triton" and triton_ok) else None
-    if choice == "triton" and triton_ok:
-        return "triton"
-    if choice == "shift" and shift_pays:
-        return "torch-shift"  # elsewhere, what "auto" picks
-    if choice == "cupy" and cupy_ok:
-        return "cupy"
-    if choice != "triton":  # a "triton" that cannot run streams rows, as before
-        if native_cuda:
-            return "cuda"
-        if cupy_ok:  # the same kernel without the CMake build
-            return "cupy"
-    return "triton" if triton_ok else None
+    call = GramCall(device_type, dtype, input_precision, conv=conv, stride_one=stride_one_spatial,
+                    shift_pays=shift_pays, choice=choice,
+                    installed=_Flags(native_cpu, native_cuda, cupy_ok, triton_ok))
+    name = dispatch.choose(GRAM, call)[0].name
+    return _ROUTE_NAMES.get(name, name)
 
 
-def _choice_for(x: torch.Tensor) -> str:
-    """``SAP_FAST_GRAM_KERNEL``, read for GPU tensors, and on the CPU under Triton's interpreter
-    (where ``triton`` runs the interpreted kernels); other CPU calls have one route each."""
-    if x.device.type == "cuda" or triton.for_device("gram", x.device.type) is not None:
-        return kernel_choice()
-    return "auto"
-
-
-def _route_call(module: nn.Module, x: torch.Tensor, dtype: torch.dtype,
-                input_precision: str) -> Optional[str]:
-    """:func:`route` for one layer call, its flags read off the call and the installed backends."""
-    conv = isinstance(module, CONV_TYPES)
-    on_cuda = x.device.type == "cuda"
-    choice = _choice_for(x)
-    stride_one = conv and all(s == 1 for s in module.stride) and math.prod(module.kernel_size) > 1
-    has_native_cuda = on_cuda and native_cuda()
-    # cupy is imported (once) only where route could pick it: a GPU conv in fp32 inputs, with no
-    # CMake-built CUDA kernel or with SAP_FAST_GRAM_KERNEL=cupy
-    cupy_ok = (on_cuda and conv and input_precision == "fp32" and choice != "triton"
-               and (choice == "cupy" or not has_native_cuda) and nvrtc.available())
-    return route(
-        x.device.type, dtype, input_precision, conv=conv, stride_one_spatial=stride_one,
-        shift_pays=(choice == "shift" and stride_one and len(module.kernel_size) <= 2
-                    and shift.pays(padded_size(module, x), module.kernel_size, module.dilation)),
-        native_cpu=native() is not None, native_cuda=has_native_cuda, cupy_ok=cupy_ok,
-        triton_ok=triton.for_device("gram", x.device.type) is not None, choice=choice)
-
-
-def _symmetric_padding(conv: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
-    """The input and per-dim zero padding for the kernels (which pad zeros symmetrically):
-    other padding modes and asymmetric ``'same'`` padding are applied here instead."""
-    pads = conv_padding(conv)
-    low, high = pads[0::2][::-1], pads[1::2][::-1]  # per spatial dim, first dim first
-    if conv.padding_mode == "zeros" and low == high:
-        return x, low
-    return F.pad(x, pads, mode=pad_mode(conv)), [0] * len(low)
-
-
-def gram(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, max_elements: int,
+def gram(x: torch.Tensor, geometry: Optional[ConvGeometry], dtype: torch.dtype, max_elements: int,
          input_precision: str = "fp32") -> Optional[torch.Tensor]:
     """The Gram ``(groups, d, d)`` in ``dtype`` of one conv or linear call (every patch row of a
     conv input, every row of a linear input) from a kernel that never materialises the rows,
-    or None when none serves this call. ``max_elements`` bounds the scratch of the CPU shift
-    kernel (it copies whole samples into a zero-margined buffer)."""
-    if x.dtype not in (torch.float32, torch.float64):
-        return None
-    which = _route_call(module, x, dtype, input_precision)
-    if which is None:
-        return None
-    mode = kernel_mode(dtype, input_precision)
-    if not isinstance(module, CONV_TYPES):  # Triton: every row of the input, any leading dims
-        kernels = triton.for_device("gram", x.device.type)
-        return triton.run("gram", lambda: kernels.linear_gram(x.reshape(-1, x.shape[-1]), mode),
-                          lambda: None)
-    spatial = len(module.kernel_size)
-    if x.dim() == spatial + 1:
-        x = x.unsqueeze(0)
-    x, padding = _symmetric_padding(module, x)
-    k, dil, stride = list(module.kernel_size), list(module.dilation), list(module.stride)
-    if which == "cuda":
-        return torch.ops.sap_fast.conv_gram(x, k, stride, padding, dil, module.groups, dtype)
-    if which == "cupy":
-        return nvrtc.conv_gram(x, k, stride, padding, dil, module.groups, dtype)
-    if which == "triton":  # a kernel that fails to compile here: None, the caller streams rows
-        kernels = triton.for_device("gram", x.device.type)
-        return triton.run("gram", lambda: kernels.conv_gram(x, k, stride, padding, dil, module.groups, mode),
-                          lambda: None)
-    if which == "torch-shift":
-        return shift.shift_gram(x, k, padding, dil, module.groups, dtype)
-    # "shift" (CPU): bound the kernel's zero-margined copy by whole samples
-    margined = math.prod(x.shape[2 + i] + 2 * dil[i] * (k[i] - 1) for i in range(spatial))
-    step = max(1, max_elements // (margined * x.shape[1]))
-    total = None
-    for part in x.split(step):
-        g = torch.ops.sap_fast.conv_gram_shift(part, k, padding, dil, module.groups, dtype)
-        total = g if total is None else total.add_(g)
-    return total
+    or None when none serves this call (the caller streams rows).
+
+    ``x``: a conv's input ``(N, C, *spatial)`` padded as the kernels read it (zeros, symmetric:
+    ``geometry.padding``), with its checked ``geometry`` (:func:`~.geometry.conv_geometry`); or a
+    linear layer's input (any leading dims) and ``geometry=None``. ``max_elements`` bounds the
+    scratch of the CPU shift kernel (it copies whole samples into a zero-margined buffer)."""
+    return dispatch.call(GRAM, gram_call(x, geometry, dtype, input_precision, max_elements))

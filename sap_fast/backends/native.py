@@ -13,6 +13,8 @@ from typing import Optional
 
 from .switches import SWITCHES, switch
 
+__all__ = ["BACKENDS", "forced_portable", "load", "native", "native_cuda"]
+
 log = logging.getLogger("sap_fast")
 BACKENDS = SWITCHES["SAP_FAST_BACKEND"][0]
 
@@ -27,7 +29,7 @@ def load():
     """(module, None) or (None, why it is unavailable); tried once per process."""
     try:
         from .. import _C  # registers torch.ops.sap_fast.*
-        from . import ops  # noqa: F401  (their shape functions)
+        from . import _ops  # noqa: F401  (their shape functions)
     except Exception as err:  # ImportError, or an undefined symbol from a torch mismatch
         why = (f"the native extension sap_fast._C is unavailable ({type(err).__name__}: {err}); "
                "using the portable torch path (rebuild: pip install --no-build-isolation -e .)")

@@ -38,6 +38,11 @@ from . import conv_launch, cupy_runtime
 from .conv_launch import LaunchPlan, conv_gram_shape, cuda_limits  # noqa: F401  (the checks on CUDA)
 from .geometry import SHAPE_DTYPE, SHAPE_FIELDS, ConvGeometry  # noqa: F401
 
+__all__ = ["PACKAGE_SOURCE_DIR", "CHECKOUT_SOURCE_DIR", "tile_kernel_name", "dmma_kernel_name",
+           "mirror_kernel_name", "source_dirs", "source_path", "read_source", "nvrtc_version", "load",
+           "available", "CompileError", "gpu_arch", "compile_source", "ConvGramShape", "conv_gram_shape",
+           "cuda_limits", "kernel_name", "launch", "conv_gram", "struct_fields_in", "default_tiling_in"]
+
 # -- the sources ---------------------------------------------------------------------------------
 
 #: The installed package's copy of the kernel sources (package data of a wheel).

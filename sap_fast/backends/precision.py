@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["INPUT_PRECISIONS", "round_inputs", "kernel_mode"]
+
 INPUT_PRECISIONS = ("fp32", "tf32", "bf16")
 
 

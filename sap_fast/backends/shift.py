@@ -20,8 +20,14 @@ import math
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
-from torch.nn.grad import conv2d_weight
+from torch.nn import functional as F
+from torch.nn import grad as _weight_grad
+
+from .geometry import ConvGeometry, conv_geometry
+
+__all__ = ["pays", "shift_gram"]
+
+conv2d_weight = _weight_grad.conv2d_weight  # the weight gradient of a 2-D conv (cuDNN on a GPU)
 
 
 def _frame(a: List[int], e: List[int], out: List[int], dil: List[int]) -> List[tuple]:
@@ -56,29 +62,43 @@ def pays(in_size, kernel_size, dilation) -> bool:
     return shift < taps * (taps + 1) / 2 * math.prod(out)
 
 
-def shift_gram(x: torch.Tensor, kernel_size, padding, dilation, groups: int,
-               dtype: torch.dtype) -> Optional[torch.Tensor]:
+def shift_gram(x: torch.Tensor, kernel_size=None, padding=None, dilation=None, groups: int = 1,
+               dtype: torch.dtype = torch.float64, *,
+               geometry: Optional[ConvGeometry] = None) -> Optional[torch.Tensor]:
     """The Gram ``(groups, d, d)`` of a stride-1 conv's patch matrix, ``d = C/groups·kh·kw``,
     columns in ``weight.view(out, -1)`` order; None when the geometry has no core (then the
     caller uses another kernel). ``x``: ``(N, C, W)`` or ``(N, C, H, W)``; ``padding``: zeros,
-    symmetric, one per spatial dim."""
-    _check(x, kernel_size, padding, dilation, groups, dtype)
-    cudnn = torch.backends.cudnn
+    symmetric, one per spatial dim.
+
+    Either the conv's ``kernel_size``, ``padding``, ``dilation`` and ``groups`` (checked here,
+    one-line ValueErrors), or its checked ``geometry`` (:func:`~.geometry.conv_geometry`, a
+    stride-1 1-D or 2-D conv) in their place."""
+    if geometry is None:
+        _check(x, kernel_size, padding, dilation, groups, dtype)
+        spatial = x.dim() - 2
+        geometry = conv_geometry(x, list(kernel_size), [1] * spatial, list(padding), list(dilation),
+                                 groups, dtype)
+    elif geometry.spatial > 2 or any(s != 1 for s in geometry.stride):
+        raise ValueError(f"shift_gram: the shift form takes stride-1 1-D and 2-D convs, got {geometry.spatial}-D "
+                         f"stride {list(geometry.dims['stride'])}; use the direct Gram kernels")
+    dims = geometry.dims
+    cudnn_backend = torch.backends.cudnn
     # cuDNN would run float32 weight gradients on TF32 tensor cores (its default): not this mode
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                     deterministic=cudnn.deterministic, allow_tf32=False):
-        return _shift_gram(x, kernel_size, padding, dilation, groups, dtype)
+    with cudnn_backend.flags(enabled=cudnn_backend.enabled, benchmark=cudnn_backend.benchmark,
+                             deterministic=cudnn_backend.deterministic, allow_tf32=False):
+        return _shift_gram(x, dims["kernel"], dims["padding"], dims["dilation"], geometry.groups, dtype)
 
 
 def _check(x, kernel_size, padding, dilation, groups, dtype) -> None:
+    """The arguments of a call without a geometry (one-line ValueErrors)."""
     if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or not x.is_floating_point():
         raise ValueError(f"shift_gram: x must be a floating (N, C, W) or (N, C, H, W) tensor, got "
                          f"{type(x).__name__ if not isinstance(x, torch.Tensor) else (tuple(x.shape), x.dtype)}")
     spatial = x.dim() - 2
     for name, value in (("kernel_size", kernel_size), ("padding", padding), ("dilation", dilation)):
-        if len(value) != spatial or any(int(v) < (1 if name != "padding" else 0) for v in value):
+        if value is None or len(value) != spatial or any(int(v) < (1 if name != "padding" else 0) for v in value):
             raise ValueError(f"shift_gram: {name} must be {spatial} int(s) "
-                             f"{'>= 0' if name == 'padding' else '>= 1'}, got {list(value)}")
+                             f"{'>= 0' if name == 'padding' else '>= 1'}, got {value if value is None else list(value)}")
     if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
         raise ValueError(f"shift_gram: groups must be a positive int dividing C={x.shape[1]}, got {groups!r}")
     if dtype not in (torch.float32, torch.float64):

@@ -10,6 +10,10 @@ variable                      values (first = default)                    stage
                               (also ``off``)                              float64 Gram tiles)
 ``SAP_FAST_BATCHED_EIGH``     ``auto``, ``cupy``                          spectrum
 ``SAP_FAST_BATCHED_CHOLESKY`` ``auto``, ``cupy``                          solve
+``SAP_FAST_TRITON_AUTOTUNE``  ``1`` (also ``on``), ``0`` (also ``off``)   project (Triton
+                                                                          update tiles)
+``TRITON_INTERPRET``          ``0``, ``1`` (Triton's own switch: its      accumulate (Triton
+                              interpreter runs the kernels on the CPU)    on the CPU)
 ============================  ==========================================  ===================
 
 Each is read on every call (a test or a benchmark may change it between calls); an unknown
@@ -30,6 +34,8 @@ SWITCHES: Dict[str, Tuple[Tuple[str, ...], Dict[str, str], Optional[str]]] = {
     "SAP_FAST_GRAM_DMMA": (("auto", "0"), {"1": "auto", "on": "auto", "off": "0"}, "auto, 0 or 1"),
     "SAP_FAST_BATCHED_EIGH": (("auto", "cupy"), {}, None),
     "SAP_FAST_BATCHED_CHOLESKY": (("auto", "cupy"), {}, None),
+    "SAP_FAST_TRITON_AUTOTUNE": (("1", "0"), {"on": "1", "off": "0"}, "1 or 0"),
+    "TRITON_INTERPRET": (("0", "1"), {"false": "0", "off": "0", "true": "1", "on": "1"}, "0 or 1"),
 }
 
 

@@ -4,7 +4,7 @@
     sap-fast correct   correct your own model from a folder of images or a .pt file
     sap-fast compare   SAP beside Finetune, SSD, SCRUB, GA, RL, UGradSL(+), ManiF-SMC on the digits
     sap-fast bench     the benchmark suite that fits this machine
-    sap-fast info      what the native build holds and what each stage will use
+    sap-fast info      what was built, and each stage's choice with the skipped implementations' reasons
 
 Errors in what was asked (bad paths, unreadable checkpoints, class counts that do not match, a
 model the data do not fit, bad options) print one line and exit with status 2; anything else
@@ -25,7 +25,7 @@ import torch
 
 from .._runtime.checks import first_line
 from .._runtime.forward import set_progress
-from ..backends.info import backend_info
+from ..backends.info import backend_info, format_choices
 from . import bench, compare, correct, demo
 from .load import LoadError
 
@@ -43,7 +43,8 @@ COMMANDS = {  # name: (module, one-line help)
 
 
 def _info(args: argparse.Namespace) -> int:
-    print(json.dumps(backend_info(), indent=2, ensure_ascii=False))
+    info = backend_info()
+    print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_choices(info))
     return 0
 
 
@@ -59,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   description=module.__doc__.split("\n\n")[0])
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
-    info = commands.add_parser("info", parents=[common], help="what was built and what each stage uses")
+    info = commands.add_parser("info", parents=[common], help="what was built and what each stage uses",
+                               description="What was built, and for each stage and device type the "
+                               "implementation its chooser picks for representative calls, with every "
+                               "skipped implementation's reasons.")
+    info.add_argument("--json", action="store_true", help="print sap_fast.backend_info() as JSON instead")
     info.set_defaults(run=_info)
     return parser
 

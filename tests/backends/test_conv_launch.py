@@ -285,7 +285,7 @@ def test_the_op_has_the_plans_cuda_kernel_exactly_where_the_launch_op_is_built()
 
 
 def test_ops_registers_the_plans_cuda_kernel_where_the_launch_op_has_one():
-    """What ops.py does on a CUDA build, in a fresh process of this CPU build: with the launch
+    """What _ops.py does on a CUDA build, in a fresh process of this CPU build: with the launch
     op's CUDA kernel present (stood in by the dispatcher query), conv_gram gains its CUDA kernel,
     and its CPU kernel is untouched."""
     import subprocess

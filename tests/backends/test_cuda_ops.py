@@ -27,7 +27,7 @@ from support import Attention, CONV_CASES, Tokens, conv_case, max_weight_rel_err
 
 try:
     import sap_fast._C  # noqa: F401  (registers torch.ops.sap_fast.*)
-    import sap_fast.backends.ops  # noqa: F401  (their fake kernels, for opcheck)
+    import sap_fast.backends._ops  # noqa: F401  (their fake kernels, for opcheck)
     _LOAD_ERROR = None
 except Exception as err:  # not built, or built against another torch
     _LOAD_ERROR = f"{type(err).__name__}: {err}"

@@ -18,8 +18,8 @@ from torch import nn
 
 from sap_fast import reference
 from sap_fast.backends import native as backend
+from sap_fast._runtime.geometry import kernel_input as _symmetric_padding
 from sap_fast.backends import conv_launch
-from sap_fast.backends.gram import _symmetric_padding
 from sap_fast.backends.info import backend_info
 from support import CONV_CASES
 

@@ -77,10 +77,9 @@ def test_bad_kernel_choice_is_a_one_line_error(monkeypatch):
 
 
 # -- the Triton route through collect_stats, on the CPU under Triton's interpreter -------------------
-from sap_fast.backends import gram as gram_backend  # noqa: E402
-from sap_fast.backends import triton as triton_backends  # noqa: E402
 from support import Attention, Tokens, conv_case, rel_err  # noqa: E402
 
+from .gram_support import force_gram, rows_only  # noqa: E402
 from .triton_support import kernel_module  # noqa: E402
 
 ROUTED_CASES = ["2d-groups2", "2d-nonsquare-stride-dil", "1d-same-even-dil", "2d-reflect"]
@@ -100,9 +99,7 @@ def triton_route(monkeypatch):
         return real(*args, **kwargs)
     monkeypatch.setattr(gram_triton, "conv_gram", counted)
     gram_triton.calls = calls
-    monkeypatch.setattr(triton_backends, "compiled", lambda name: gram_triton if name == "gram" else None)
-    monkeypatch.setattr(gram_backend, "route", lambda device, dtype, precision, conv, **kw:
-                        "triton" if precision == "fp32" or dtype == F32 else None)
+    force_gram(monkeypatch, lambda call: "triton" if call.input_precision == "fp32" or call.dtype == F32 else None)
     return gram_triton
 
 
@@ -118,7 +115,7 @@ def test_triton_route_matches_the_portable_path(triton_route, case):
     model, x = model.float(), x.float()
     got = __import__("sap_fast").collect_stats(model, x, batch_size=2)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gram_backend, "route", lambda *a, **k: None)
+        rows_only(mp)
         want = __import__("sap_fast").collect_stats(model, x, batch_size=2)
     assert triton_route.calls, "the Triton kernel never ran"
     for name in want:
@@ -142,8 +139,45 @@ def test_triton_route_tensor_core_modes_equal_rounded_rows(triton_route, precisi
         got = sap_fast.collect_stats(model, x, dtype=F32, input_precision=precision, batch_size=2)
         assert triton_route.calls, "the Triton kernel never ran"
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(gram_backend, "route", lambda *a, **k: None)
+            rows_only(mp)
             want = sap_fast.collect_stats(model, x, dtype=F32, input_precision=precision, batch_size=2)
         for name in want:
             assert got[name].count == want[name].count, name
             assert rel_err(got[name].gram.double(), want[name].gram.double()) <= tol, name
+
+
+def _rule(device_type, dtype, input_precision, *, conv, stride_one_spatial, shift_pays, native_cpu,
+          native_cuda, cupy_ok, triton_ok, choice):
+    """The routing rule written out as one function: the chooser must agree with it everywhere."""
+    if device_type == "cpu":
+        if choice == "triton" and triton_ok:
+            return "triton" if (input_precision == "fp32" or dtype == torch.float32) else None
+        return "shift" if (conv and native_cpu and stride_one_spatial and input_precision == "fp32") else None
+    if device_type != "cuda":
+        return None
+    if input_precision != "fp32":
+        return "triton" if (triton_ok and dtype == torch.float32) else None
+    if not conv:
+        return "triton" if (choice == "triton" and triton_ok) else None
+    if choice == "triton" and triton_ok:
+        return "triton"
+    if choice == "shift" and shift_pays:
+        return "torch-shift"
+    if choice == "cupy" and cupy_ok:
+        return "cupy"
+    if choice != "triton":
+        if native_cuda:
+            return "cuda"
+        if cupy_ok:
+            return "cupy"
+    return "triton" if triton_ok else None
+
+
+def test_the_chooser_agrees_with_the_rule_on_every_combination():
+    flags = ["conv", "stride_one_spatial", "shift_pays", "native_cpu", "native_cuda", "cupy_ok", "triton_ok"]
+    for device, dtype, precision, choice in itertools.product(
+            ["cpu", "cuda", "mps"], [F64, F32], ["fp32", "tf32", "bf16"], ["auto", "cuda", "cupy", "triton", "shift"]):
+        for values in itertools.product([False, True], repeat=len(flags)):
+            kw = dict(zip(flags, values))
+            assert gram_route(device, dtype, precision, choice=choice, **kw) == \
+                _rule(device, dtype, precision, choice=choice, **kw), (device, dtype, precision, choice, kw)

@@ -17,7 +17,7 @@ import sap_fast
 from sap_fast import reference
 from sap_fast.backends import native as backend
 from sap_fast.backends.info import backend_info
-from sap_fast.backends.gram import _symmetric_padding as _native_padding
+from sap_fast._runtime.geometry import kernel_input as _native_padding
 from cases import CPU, DTYPES, devices_param, tol
 from support import CONV_CASES, conv_case, rel_err
 

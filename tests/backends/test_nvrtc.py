@@ -45,6 +45,8 @@ from sap_fast.backends import gram as gram_backend
 from sap_fast.backends.gram import route as gram_route
 from support import CONV_CASES, conv_case, rel_err, unfold_gram
 
+from .gram_support import force_gram, rows_only
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CUH = os.path.join(ROOT, "csrc", "cuda", "conv_gram_kernels.cuh")
 F64, F32 = torch.float64, torch.float32
@@ -557,13 +559,12 @@ def test_the_cupy_route_through_collect_stats_matches_the_portable_path(case, mo
         calls.append(args[0].shape)
         return stand_in_conv_gram(*args)
     monkeypatch.setattr(nvrtc, "conv_gram", stand_in)
-    monkeypatch.setattr(gram_backend, "route", lambda device, dtype, precision, conv, **kw:
-                        "cupy" if conv and precision == "fp32" else None)
+    force_gram(monkeypatch, lambda call: "cupy" if call.conv and call.input_precision == "fp32" else None)
     model, x = conv_case(case, batch=3, seed=4)
     model, x = model.float(), x.float()
     got = sap_fast.collect_stats(model, x, batch_size=2)
     assert calls, "the cupy route never ran"
-    monkeypatch.setattr(gram_backend, "route", lambda *a, **k: None)
+    rows_only(monkeypatch)
     want = sap_fast.collect_stats(model, x, batch_size=2)
     for name in want:
         if want[name].mode == "gram":
@@ -767,7 +768,7 @@ def test_the_spectrum_and_solve_stages_take_the_batched_calls_when_asked(monkeyp
     assert record.mode == "gram"
     want = spectrum.layer_spectrum(record)
     used = []
-    monkeypatch.setattr(batched_linalg, "use_for_eigh", lambda g: used.append("eigh") or True)
+    monkeypatch.setattr(batched_linalg, "eigh_reasons", lambda *a, **k: used.append("eigh") or [])
     monkeypatch.setattr(batched_linalg, "eigh",
                         lambda g: batched_linalg.syevj_batched(HostCusolver(), 0, g)[:2])
     got = spectrum.layer_spectrum(record)
@@ -776,7 +777,7 @@ def test_the_spectrum_and_solve_stages_take_the_batched_calls_when_asked(monkeyp
     weight = torch.randn(8, 3, 9, dtype=F64)
     prep = solve.prepare(record, weight)
     want_w, _ = solve.solved_weight(prep, 100.0)
-    monkeypatch.setattr(batched_linalg, "use_for_cholesky", lambda m: used.append("cholesky") or True)
+    monkeypatch.setattr(batched_linalg, "cholesky_reasons", lambda *a, **k: used.append("cholesky") or [])
     monkeypatch.setattr(batched_linalg, "cholesky_ex", lambda m: batched_linalg.potrf_batched(HostCusolver(), 0, m))
     got_w, info = solve.solved_weight(prep, 100.0)
     assert rel_err(got_w, want_w) <= 1e-12 and not info.any()
@@ -828,7 +829,7 @@ def test_gpu_cupy_route_matches_the_portable_path_on_the_conv_zoo(case, monkeypa
     monkeypatch.setattr(nvrtc, "conv_gram", lambda *a: calls.append(1) or real(*a))
     got = sap_fast.collect_stats(model, x, batch_size=4)
     assert calls, "the cupy route never ran"
-    monkeypatch.setattr(gram_backend, "route", lambda *a, **k: None)
+    rows_only(monkeypatch)
     want = sap_fast.collect_stats(model, x, batch_size=4)
     for name in want:
         if want[name].mode == "gram":

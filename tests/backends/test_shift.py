@@ -12,6 +12,8 @@ from sap_fast.backends.shift import pays, shift_gram
 from cases import DEVICES, devices_param, tol
 from support import rel_err
 
+from .gram_support import force_gram, real_route, rows_only
+
 TOL64 = tol(torch.float64)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,13 +75,13 @@ def test_shift_route_through_collect_stats(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
                           nn.Conv2d(4, 4, 3, stride=2), nn.Conv2d(4, 2, 3)).double()
     x = torch.randn(3, 3, 20, 20, dtype=torch.float64)
-    real_route = gram_backend.route
-    monkeypatch.setattr(gram_backend, "_choice_for", lambda x: "shift")
-    monkeypatch.setattr(gram_backend, "route", lambda device, *a, **k: real_route(
-        "cuda", *a, **{**k, "native_cuda": False, "triton_ok": False}))
+    monkeypatch.setattr(gram_backend, "_choice_for", lambda device_type: "shift")
+    force_gram(monkeypatch, lambda call: real_route(
+        "cuda", call.dtype, call.input_precision, conv=call.conv, stride_one_spatial=call.stride_one,
+        shift_pays=call.shift_pays, native_cpu=True, native_cuda=False, triton_ok=False, choice=call.choice))
     got = sap_fast.collect_stats(model, x, batch_size=2)
     assert calls, "the shift form never ran"
-    monkeypatch.setattr(gram_backend, "route", lambda *a, **k: None)
+    rows_only(monkeypatch)
     want = sap_fast.collect_stats(model, x, batch_size=2)
     for name in want:
         assert rel_err(got[name].gram, want[name].gram) <= TOL64, name

@@ -1,7 +1,7 @@
 """A Triton kernel that fails to compile on the user's machine (a Triton release that rejects it,
 ptxas refusing it, too little shared memory) falls back to the torch path with one warning that
 names the kernel and the Triton version, and is not tried again in that process; any other
-error of a kernel still raises. Run through the Gram dispatcher on the CPU, where Triton's
+error of a kernel still raises. Run through the gram stage's chooser on the CPU, where Triton's
 interpreter serves ``SAP_FAST_GRAM_KERNEL=triton``, with the kernel made to fail as ptxas does."""
 import warnings
 
@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import sap_fast
+from sap_fast.backends import dispatch
 from sap_fast.backends import triton as triton_backend
+from sap_fast.backends.dispatch import Implementation, Stage
 
 tl_gram = pytest.importorskip("sap_fast.backends.triton.gram")
 OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
@@ -91,12 +93,16 @@ def test_an_error_of_a_kernel_that_compiled_is_not_hidden(fresh_kernels, monkeyp
 
 
 def test_the_update_kernel_falls_back_the_same_way(fresh_kernels):
-    def refused():
+    """The update stage's chooser: a Triton implementation that fails to compile (its kernel
+    stood in by one that raises as ptxas does) falls through to torch."""
+    def refused(inputs):
         raise OutOfResources(300000, 232448, "shared memory")
 
+    stage = Stage("update", (Implementation("triton", "triton", lambda inputs: [], refused, triton_kernel="update"),
+                             Implementation("torch", "torch", lambda inputs: [], lambda inputs: "torch")))
     with pytest.warns(RuntimeWarning, match="Triton update kernel does not compile here .*using torch matmuls"):
-        assert triton_backend.run("update", refused, lambda: "torch") == "torch"
+        assert dispatch.call(stage, None) == "torch"
     assert "update" in fresh_kernels and triton_backend.compiled("update") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        assert triton_backend.run("update", refused, lambda: "torch") == "torch"  # warned once only
+        assert dispatch.call(stage, None) == "torch"  # warned once only

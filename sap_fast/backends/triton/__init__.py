@@ -4,19 +4,24 @@
 - :mod:`.update`: the λ-scaled weight update fused with its two products.
 
 Each kernel module also holds a plain-torch twin (``*_reference``) with identical semantics: the
-oracle for its tests and the fallback where Triton cannot run. Importing this package imports no
-kernel module (nor Triton), so ``sap_fast`` never needs Triton; :func:`load` does, once.
+oracle for its tests. Importing this package imports no kernel module (nor Triton), so
+``sap_fast`` never needs Triton; :func:`load` does, once.
 
-What happens when Triton cannot run:
+What happens when Triton cannot run (each stage's chooser, :mod:`..dispatch`, reads
+:func:`why_not` among the Triton implementation's reasons and picks the next implementation):
 
-- Triton missing or failing to import: :func:`load` says why, :func:`compiled` is None, and
-  every stage takes its torch path (``backend_info()`` shows the reason);
-- no GPU (or ``SAP_FAST_BACKEND=portable``): :func:`compiled` is None, torch paths;
+- Triton missing or failing to import: :func:`load` says why, and the Gram stage streams rows on
+  the portable path (or uses the CUDA kernels where they serve the call), the update stage runs
+  torch matmuls; ``sap-fast info`` prints the reason;
+- no GPU, or ``SAP_FAST_BACKEND=portable``: the same implementations serve; on the CPU the
+  kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before import) and
+  only for the Gram stage with ``SAP_FAST_GRAM_KERNEL=triton``;
 - a kernel that fails to *compile* on this machine (a Triton release that rejects it, ptxas
-  refusing it, too little shared memory): the dispatcher's :func:`run` catches the error,
-  warns once naming the kernel and the Triton version, runs the torch path for that call, and
-  :func:`compiled` returns None for that kernel for the rest of the process. Errors of a kernel
-  that compiled (a bad launch, a CUDA fault) are not caught.
+  refusing it, too little shared memory): the chooser warns once (:func:`mark_broken`: the
+  kernel, the Triton version, the error), runs the next implementation for that call (rows on
+  the portable path for the Gram, torch matmuls for the update), and the kernel's reasons say
+  why it is skipped for the rest of the process (:func:`broken`). Errors of a kernel that
+  compiled (a bad launch, a CUDA fault) propagate.
 
 Each kernel module's launcher builds its launches as :class:`Launch` records before running
 them, so ``tools/check_triton.py`` compiles, without a GPU, exactly what a launch compiles.
@@ -28,16 +33,19 @@ import importlib
 import logging
 import os
 import warnings
-from typing import Callable, Dict, NamedTuple, Optional, TypeVar
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
 from ..native import forced_portable
+from ..switches import switch
+
+__all__ = ["Launch", "load", "compiled", "for_device", "why_not", "broken", "mark_broken",
+           "compile_failure", "summary"]
 
 log = logging.getLogger("sap_fast")
 _FALLBACK = {"update": "using torch matmuls", "gram": "streaming rows on the portable path"}
 _BROKEN: Dict[str, str] = {}  # kernel module name → why it does not compile here
-T = TypeVar("T")
 
 
 class Launch(NamedTuple):
@@ -68,22 +76,36 @@ def load(name: str):
 def compiled(name: str):
     """The kernel module when it can run compiled (a GPU, not forced portable, and the kernel
     has not failed to compile in this process), else None."""
-    if forced_portable() or not torch.cuda.is_available() or name in _BROKEN:
-        return None
-    return load(name)[0]
+    return None if why_not(name, "cuda") else load(name)[0]
 
 
 def for_device(name: str, device_type: str):
     """The kernel module to run on tensors of ``device_type``: :func:`compiled` on a GPU; on the
     CPU the module only while Triton's interpreter runs (``TRITON_INTERPRET=1``), and only for
-    the callers that ask for it by name (the Gram dispatcher with ``SAP_FAST_GRAM_KERNEL=triton``)."""
+    the callers that ask for it by name (the Gram stage with ``SAP_FAST_GRAM_KERNEL=triton``)."""
+    return None if why_not(name, device_type) else load(name)[0]
+
+
+def why_not(name: str, device_type: str) -> Optional[str]:
+    """Why kernel module ``name`` cannot run on tensors of ``device_type`` (one line), or None."""
+    if forced_portable():
+        return "SAP_FAST_BACKEND=portable"
+    if name in _BROKEN:
+        return _BROKEN[name]
     if device_type == "cuda":
-        return compiled(name)
-    if device_type != "cpu" or forced_portable() or name in _BROKEN \
-            or os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return None
-    module = load(name)[0]
-    return module if module is not None and module.interpreted() else None
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+        return load(name)[1]
+    if device_type != "cpu":
+        return f"no Triton kernels for {device_type} tensors"
+    if switch("TRITON_INTERPRET") != "1":
+        return "CPU tensors run the Triton kernels only under Triton's interpreter (TRITON_INTERPRET=1)"
+    module, why = load(name)
+    if module is None:
+        return why
+    if not module.interpreted():
+        return "TRITON_INTERPRET=1 was set after the Triton kernels were imported (set it before importing sap_fast)"
+    return None
 
 
 def broken(name: str) -> Optional[str]:
@@ -142,18 +164,13 @@ def summary(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def run(name: str, kernel: Callable[[], T], fallback: Callable[[], T]) -> T:
-    """``kernel()``, or ``fallback()`` when the Triton kernel fails to compile here; then warns
-    once (naming the kernel, the Triton version and the error) and stops using the kernel."""
-    try:
-        return kernel()
-    except Exception as err:
-        if not compile_failure(err):
-            raise
-        import triton
-        why = (f"the Triton {name} kernel does not compile here (triton {triton.__version__}: "
-               f"{summary(err)}); {_FALLBACK[name]}")
-        if name not in _BROKEN:
-            _BROKEN[name] = why
-            warnings.warn(f"sap_fast: {why}", RuntimeWarning, stacklevel=2)
-        return fallback()
+def mark_broken(name: str, err: BaseException) -> str:
+    """Stop using kernel module ``name`` in this process after ``err`` (a compile failure): warn
+    once, naming the kernel, the Triton version and the error; return why (one line)."""
+    import triton
+    why = (f"the Triton {name} kernel does not compile here (triton {triton.__version__}: "
+           f"{summary(err)}); {_FALLBACK[name]}")
+    if name not in _BROKEN:
+        _BROKEN[name] = why
+        warnings.warn(f"sap_fast: {why}", RuntimeWarning, stacklevel=3)
+    return _BROKEN[name]

@@ -61,12 +61,16 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional as F
 import triton
 import triton.language as tl
 
+from ..geometry import ConvGeometry
 from ..precision import round_inputs
 from . import Launch
+
+__all__ = ["PRECISIONS", "interpreted", "default_config", "configs", "choose_splits", "conv_gram",
+           "conv_gram_launches", "linear_gram", "conv_gram_reference", "linear_gram_reference"]
 
 PRECISIONS = ("fp64", "fp32", "tf32", "bf16")
 _MODE = {name: i for i, name in enumerate(PRECISIONS)}
@@ -267,7 +271,26 @@ def _ints(name: str, value, spatial: int) -> List[int]:
 
 
 class _Geometry:
-    """The checked conv geometry, padded to 3 spatial dims (leading size-1 dims for 1-D/2-D)."""
+    """The checked conv geometry, padded to 3 spatial dims (leading size-1 dims for 1-D/2-D):
+    from the arguments (checked here), or from a :class:`~..geometry.ConvGeometry` (checked
+    already; only the kernel's own int32 position limit is checked)."""
+
+    @classmethod
+    def of_record(cls, x: torch.Tensor, record: ConvGeometry) -> "_Geometry":
+        self = cls.__new__(cls)
+        for name in ("spatial", "groups", "batch", "channels", "group_channels", "taps", "width",
+                     "positions", "rows"):
+            setattr(self, name, getattr(record, name))
+        for name in ("kernel", "stride", "padding", "dilation", "in_size", "out_size"):
+            setattr(self, name, list(getattr(record, name)))
+        lead = 3 - record.spatial
+        for i in range(lead, 3):
+            span = self.dilation[i] * (self.kernel[i] - 1) + 1
+            if self.in_size[i] + 2 * self.padding[i] + span > _INT32_MAX:
+                raise ValueError(f"conv_gram: spatial dim {i - lead} is too large ({self.in_size[i]} padded by "
+                                 f"{self.padding[i]}, kernel span {span}); positions must fit in int32")
+        self.x_strides = [0] * lead + list(x.stride()[2:])
+        return self
 
     def __init__(self, x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int):
         spatial = x.dim() - 2
@@ -312,8 +335,14 @@ class _Geometry:
         self.rows = self.batch * self.positions
 
 
-def _check(x, kernel_size, stride, padding, dilation, groups, precision) -> _Geometry:
-    """Validate the arguments of both implementations (one-line messages)."""
+def _check(x, kernel_size, stride, padding, dilation, groups, precision,
+           geometry: Optional[ConvGeometry] = None) -> _Geometry:
+    """Validate the arguments of both implementations (one-line messages); with a ``geometry``
+    only the precision and the kernel's own limits."""
+    if geometry is not None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"conv_gram: precision must be one of {PRECISIONS}, got {precision!r}")
+        return _Geometry.of_record(x, geometry)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"conv_gram: x must be a tensor, got {type(x).__name__}")
     if not 3 <= x.dim() <= 5:
@@ -403,8 +432,8 @@ def choose_splits(rows: int, tile_programs: int, block_k: int, sm_count: int,
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def conv_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int = 1,
-              precision: str = "fp64", *, block_d: Optional[int] = None, block_k: Optional[int] = None,
+def conv_gram(x: torch.Tensor, kernel_size=None, stride=None, padding=None, dilation=None, groups: int = 1,
+              precision: str = "fp64", *, geometry: Optional[ConvGeometry] = None, block_d: Optional[int] = None, block_k: Optional[int] = None,
               splits: Optional[int] = None, num_warps: Optional[int] = None,
               num_stages: Optional[int] = None) -> torch.Tensor:
     """The Gram ``(groups, d, d)`` of a conv's patch matrix with the Triton kernel (see the
@@ -416,6 +445,8 @@ def conv_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: i
         kernel_size, stride, padding, dilation: one int per spatial dim (or one int for all);
             ``padding`` is zeros on both sides of each dim.
         groups: the conv's groups; must divide C.
+        geometry: the call's checked :class:`~..geometry.ConvGeometry`, in place of
+            ``kernel_size`` to ``groups`` (which are then ignored).
         precision: ``"fp64"`` (float64 output) or ``"fp32"``, ``"tf32"``, ``"bf16"`` (float32).
         block_d, block_k: tile side and rows per step (powers of 2 ≥ 16).
         splits: row ranges per tile (split-K); None = chosen from the row count and the GPU.
@@ -434,7 +465,7 @@ def conv_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: i
         raise ValueError("conv_gram: CPU tensors need TRITON_INTERPRET=1 set before importing "
                          "sap_fast.backends.triton.gram; use conv_gram_reference on CPU")
     out, launches = conv_gram_launches(x, kernel_size, stride, padding, dilation, groups, precision,
-                                       block_d=block_d, block_k=block_k, splits=splits,
+                                       geometry=geometry, block_d=block_d, block_k=block_k, splits=splits,
                                        num_warps=num_warps, num_stages=num_stages)
     # Triton launches on the current CUDA device, which need not be x's
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
@@ -443,8 +474,9 @@ def conv_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: i
     return out
 
 
-def conv_gram_launches(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int = 1,
-                       precision: str = "fp64", *, block_d: Optional[int] = None,
+def conv_gram_launches(x: torch.Tensor, kernel_size=None, stride=None, padding=None, dilation=None,
+                       groups: int = 1, precision: str = "fp64", *,
+                       geometry: Optional[ConvGeometry] = None, block_d: Optional[int] = None,
                        block_k: Optional[int] = None, splits: Optional[int] = None,
                        num_warps: Optional[int] = None, num_stages: Optional[int] = None,
                        sm_count: Optional[int] = None) -> Tuple[torch.Tensor, List[Launch]]:
@@ -453,7 +485,7 @@ def conv_gram_launches(x: torch.Tensor, kernel_size, stride, padding, dilation, 
     arguments and checks as :func:`conv_gram`; ``sm_count`` (the GPU's multiprocessors, which
     size the split-K) defaults to ``x``'s GPU, and to 1 elsewhere. ``x`` may be a ``meta``
     tensor: ``tools/check_triton.py`` compiles these launches for a GPU that is not there."""
-    geo = _check(x, kernel_size, stride, padding, dilation, groups, precision)
+    geo = _check(x, kernel_size, stride, padding, dilation, groups, precision, geometry)
     default = default_config(geo.width, precision)
     block_d = _positive("block_d", block_d, default["block_d"], power_of_two=True)
     block_k = _positive("block_k", block_k, default["block_k"], power_of_two=True)
@@ -514,8 +546,9 @@ def linear_gram(rows: torch.Tensor, precision: str = "fp64", **launch) -> torch.
 # Plain-torch twin
 # ---------------------------------------------------------------------------------------------
 
-def conv_gram_reference(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int = 1,
-                        precision: str = "fp64") -> torch.Tensor:
+def conv_gram_reference(x: torch.Tensor, kernel_size=None, stride=None, padding=None, dilation=None,
+                        groups: int = 1, precision: str = "fp64", *,
+                        geometry: Optional[ConvGeometry] = None) -> torch.Tensor:
     """Plain-torch twin of :func:`conv_gram`: same arguments, checks, layout and output dtype.
 
     The value each mode stands for: the inputs rounded as the mode rounds them
@@ -523,8 +556,8 @@ def conv_gram_reference(x: torch.Tensor, kernel_size, stride, padding, dilation,
     slow and memory hungry on purpose), ``RᵀR`` in float64 (exact products for rounded fp32
     inputs), made exactly symmetric from its upper triangle, rounded once to the output dtype.
     """
-    geo = _check(x, kernel_size, stride, padding, dilation, groups, precision)
-    dtype = _out_dtype(precision)
+    geo = _check(x, kernel_size, stride, padding, dilation, groups, precision, geometry)
+    dtype, groups = _out_dtype(precision), geo.groups
     spatial, width = geo.spatial, geo.width
     if geo.rows == 0 or width == 0:
         return torch.zeros((groups, width, width), dtype=dtype, device=x.device)

@@ -23,7 +23,6 @@ tensor is materialised), scales the ``wu`` tile's columns and accumulates ``tl.d
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -31,7 +30,11 @@ import triton
 import triton.language as tl
 
 from ..._runtime.checks import alpha as check_alpha
+from ..switches import switch
 from . import Launch
+
+__all__ = ["CONFIGS", "DEFAULT_CONFIG", "interpreted", "autotuning", "scaled_update",
+           "scaled_update_launches", "scaled_update_reference"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -155,7 +158,7 @@ CONFIGS = ((64, 64, 16, 4, 3), (64, 64, 16, 4, 2), (32, 64, 32, 4, 2), (32, 32, 
 def autotuning() -> bool:
     """Whether launches pick their tiles with ``triton.autotune`` (compiled kernels only; off with
     ``SAP_FAST_TRITON_AUTOTUNE=0``). Tuning runs once per (out, d, r, full) shape."""
-    return not interpreted() and os.environ.get("SAP_FAST_TRITON_AUTOTUNE", "1") != "0"
+    return not interpreted() and switch("SAP_FAST_TRITON_AUTOTUNE") == "1"
 
 
 _scaled_update_tuned = triton.autotune(

@@ -14,6 +14,8 @@ import torch
 
 from . import conv_launch
 
+__all__: list = []  # registers the shape functions; nothing to import by name
+
 if torch._C._dispatch_has_kernel_for_dispatch_key("sap_fast::conv_gram_launch", "CUDA"):
     torch.library.register_kernel("sap_fast::conv_gram", "cuda", conv_launch.conv_gram_cuda)
 
