@@ -21,6 +21,11 @@ Implementations, in priority order:
   cuDNN on a GPU);
 - ``"shift"``: the C++ shift-correlation Gram (``torch.ops.sap_fast.conv_gram_shift``), for
   stride-1 convs with a kernel larger than 1 on the CPU;
+- ``"direct"``: the C++ implicit-im2col Gram (``torch.ops.sap_fast.conv_gram`` on the CPU), for
+  strided convs with a kernel larger than 1, float32 inputs and a float64 Gram: there it beats
+  the streamed rows in time (1.03-1.31x on ResNet-50's strided convs) and in peak memory
+  (1.1-3.7x less); 1×1 convs and float32 Grams stream rows, where the rows' GEMM is faster
+  (``benchmarks/cpu_conv_gram.py``);
 - ``"triton-interpreter"``: the Triton kernels run by Triton's interpreter on the CPU
   (``TRITON_INTERPRET=1`` and ``SAP_FAST_GRAM_KERNEL=triton``): the CPU twin of every GPU mode,
   for tests and dry runs;
@@ -115,7 +120,8 @@ class GramCall:
     """One call of the gram stage, as its chooser reads it.
 
     ``device_type``, ``dtype`` (the Gram's), ``input_precision``; ``conv`` (False: a linear
-    layer); ``stride_one`` (a stride-1 conv with a kernel larger than 1); ``shift_pays``
+    layer); ``stride_one`` (a stride-1 conv with a kernel larger than 1); ``strided`` (a conv
+    with a stride above 1 and a kernel larger than 1); ``shift_pays``
     (``SAP_FAST_GRAM_KERNEL=shift`` and :func:`.shift.pays` for a 1-D/2-D stride-1 conv);
     ``choice`` (``SAP_FAST_GRAM_KERNEL``, read where a kernel it selects can run); ``installed``
     (the backends: why each cannot run); and for a real call the tensors: ``x``, ``geometry``,
@@ -125,6 +131,7 @@ class GramCall:
     input_precision: str
     conv: bool
     stride_one: bool = False
+    strided: bool = False
     shift_pays: bool = False
     choice: str = "auto"
     installed: _Installed = _Installed()
@@ -168,10 +175,12 @@ def gram_call(x: torch.Tensor, geometry: Optional[ConvGeometry], dtype: torch.dt
     choice = _choice_for(device_type)
     conv = geometry is not None
     stride_one = conv and all(s == 1 for s in geometry.stride) and geometry.taps > 1
+    strided = conv and not stride_one and geometry.taps > 1
     pays = (choice == "shift" and stride_one and geometry.spatial <= 2
             and shift.pays([geometry.in_size[i] + 2 * geometry.padding[i] for i in range(3)][3 - geometry.spatial:],
                            geometry.dims["kernel"], geometry.dims["dilation"]))
-    return GramCall(device_type, dtype, input_precision, conv=conv, stride_one=stride_one, shift_pays=pays,
+    return GramCall(device_type, dtype, input_precision, conv=conv, stride_one=stride_one,
+                    strided=strided, shift_pays=pays,
                     choice=choice, x=x, geometry=geometry, max_elements=max_elements, x_dtype=x.dtype)
 
 
@@ -293,6 +302,29 @@ def _shift_reasons(call: GramCall) -> List[str]:
     return []
 
 
+def _direct_reasons(call: GramCall) -> List[str]:
+    if call.device_type != "cpu":
+        return [f"the C++ direct kernel serves CPU tensors here, not {call.device_type}"]
+    out = []
+    if not call.conv:
+        out.append("linear layers: a GEMM on the streamed rows")
+    elif not call.strided:
+        out.append("not a strided conv with a kernel larger than 1 (there the rows' GEMM or the shift "
+                   "kernel is faster)")
+    if call.input_precision != "fp32":
+        out.append(f"input_precision={call.input_precision}: the rounded rows stream")
+    if call.x_dtype != torch.float32 or call.dtype != torch.float64:
+        out.append("it serves float32 inputs into a float64 Gram (elsewhere the rows' GEMM is faster)")
+    if out:
+        return out
+    why = call.installed.native_cpu()
+    if why:
+        return [why]
+    if _interpreter_asked(call):
+        return ["SAP_FAST_GRAM_KERNEL=triton selects Triton's interpreter (TRITON_INTERPRET=1)"]
+    return []
+
+
 def _interpreter_reasons(call: GramCall) -> List[str]:
     if call.device_type != "cpu":
         return [f"Triton's interpreter serves CPU tensors, not {call.device_type}"]
@@ -313,7 +345,8 @@ def _dims(call: GramCall):
     return dims["kernel"], dims["stride"], dims["padding"], dims["dilation"], call.geometry.groups
 
 
-def _run_cuda(call: GramCall) -> torch.Tensor:
+def _run_op(call: GramCall) -> torch.Tensor:
+    """``torch.ops.sap_fast.conv_gram``: its CUDA or C++ CPU kernel, by the device of ``x``."""
     k, s, p, dil, groups = _dims(call)
     return torch.ops.sap_fast.conv_gram(call.x, k, s, p, dil, groups, call.dtype)
 
@@ -348,7 +381,7 @@ def _run_shift(call: GramCall) -> torch.Tensor:
 
 
 GRAM = Stage("gram", (
-    Implementation("cuda", "native: implicit-im2col CUDA Gram kernel", _cuda_reasons, _run_cuda),
+    Implementation("cuda", "native: implicit-im2col CUDA Gram kernel", _cuda_reasons, _run_op),
     Implementation("cupy", "cupy: implicit-im2col Gram kernel (CUDA source compiled by NVRTC)",
                    _cupy_reasons, _run_cupy),
     Implementation("triton", "triton: implicit-im2col Gram kernel", _triton_reasons, _run_triton,
@@ -356,6 +389,7 @@ GRAM = Stage("gram", (
     Implementation("torch-shift", "torch: shift-correlation Gram in weight-gradient convs",
                    _torch_shift_reasons, _run_torch_shift),
     Implementation("shift", "native: shift-correlation Gram (C++)", _shift_reasons, _run_shift),
+    Implementation("direct", "native: implicit-im2col Gram (C++)", _direct_reasons, _run_op),
     Implementation("triton-interpreter", "triton: implicit-im2col Gram kernel in Triton's interpreter",
                    _interpreter_reasons, _run_triton, triton_kernel="gram"),
     Implementation("rows", "portable: streamed rows (unfold + GEMM)", lambda call: [], lambda call: None),
@@ -365,7 +399,8 @@ _ROUTE_NAMES = {"rows": None, "triton-interpreter": "triton"}
 
 
 def route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: bool,
-          stride_one_spatial: bool = False, shift_pays: bool = False, native_cpu: bool = False,
+          stride_one_spatial: bool = False, strided: bool = False, shift_pays: bool = False,
+          native_cpu: bool = False,
           native_cuda: bool = False, cupy_ok: bool = False, triton_ok: bool = False,
           choice: str = "auto") -> Optional[str]:
     """The chooser of :data:`GRAM` on plain flags: which kernel computes one call's Gram
@@ -377,12 +412,13 @@ def route(device_type: str, dtype: torch.dtype, input_precision: str, *, conv: b
     ``choice="triton"`` sends convs and linear layers to Triton, ``choice="shift"`` sends a conv
     to ``"torch-shift"`` where ``shift_pays``. tf32 and bf16 (float32 Gram) go only to Triton,
     which runs them on tensor cores. tf32/bf16 inputs with a float64 Gram, and everything on the
-    CPU but the shift kernel, stream rows (rounded as asked). On the CPU, ``choice="triton"``
+    CPU but the shift kernel and the direct kernel (``strided`` convs, float32 inputs into a
+    float64 Gram), stream rows (rounded as asked). On the CPU, ``choice="triton"``
     with Triton's interpreter running (``triton_ok``) sends every call that Triton serves on a
     GPU to the interpreted kernel: the CPU twin of every GPU mode, for tests and dry runs.
     """
     call = GramCall(device_type, dtype, input_precision, conv=conv, stride_one=stride_one_spatial,
-                    shift_pays=shift_pays, choice=choice,
+                    strided=strided, shift_pays=shift_pays, choice=choice,
                     installed=_Flags(native_cpu, native_cuda, cupy_ok, triton_ok))
     name = dispatch.choose(GRAM, call)[0].name
     return _ROUTE_NAMES.get(name, name)

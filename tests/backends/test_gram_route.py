@@ -29,6 +29,21 @@ def test_cpu_only_stride_one_convs_in_fp32_inputs_take_the_shift_kernel():
     assert route("cpu", triton_ok=True) == "shift"   # the interpreter runs only when asked for
 
 
+def test_cpu_strided_convs_in_fp32_inputs_into_a_float64_gram_take_the_direct_kernel():
+    """The measured rule (benchmarks/cpu_conv_gram.py): strided convs with a kernel larger than
+    1, float32 inputs, a float64 Gram; everything else keeps its route."""
+    strided = dict(stride_one_spatial=False, strided=True)
+    assert route("cpu", **strided) == "direct"
+    assert route("cpu", dtype=F32, **strided) is None      # a float32 Gram: the rows' GEMM is faster
+    assert route("cpu", precision="tf32", **strided) is None
+    assert route("cpu", conv=False, **strided) is None
+    assert route("cpu", native_cpu=False, **strided) is None
+    assert route("cpu", triton_ok=True, choice="triton", **strided) == "triton"  # the interpreter, asked for
+    assert route("cpu", stride_one_spatial=False) is None   # a 1x1 conv streams rows
+    for dtype in (F64, F32):                                # GPU routes do not change
+        assert route(dtype=dtype, **strided) == route(dtype=dtype, stride_one_spatial=False)
+
+
 def test_cpu_under_triton_interpreter_takes_triton_when_asked_for_every_gpu_mode():
     """triton_ok on the CPU: Triton's interpreter runs; SAP_FAST_GRAM_KERNEL=triton then sends
     the calls Triton serves on a GPU to the interpreted kernel (the dry run's CPU twin)."""

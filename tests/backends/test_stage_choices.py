@@ -84,10 +84,11 @@ def test_the_default_choice_is_what_runs(recorded, capsys, monkeypatch, solver):
     monkeypatch.delenv("SAP_FAST_GRAM_KERNEL", raising=False)
     run_pipeline(solver)
     ran = check(recorded, capsys, stages=("gram", "eigh", "update") if solver == "eigh" else ("gram", "cholesky"))
-    if native.native() is not None:  # the 3×3 stride-1 conv on the C++ shift kernel, rows for the rest
+    if native.native() is not None:  # the 3×3 convs on the C++ kernels (shift at stride 1, direct
+        # at stride 2), rows for the rest
         assert ran[("gram", "cpu 3×3 conv, stride 1×1, float32 inputs, fp32 precision, float64 Gram")] == "shift"
-        assert ran[("gram", "cpu 3×3 conv, stride 2×2, float32 inputs, fp32 precision, float64 Gram")] == "rows"
-    assert all(name in ("rows", "shift", "torch") for name in ran.values())
+        assert ran[("gram", "cpu 3×3 conv, stride 2×2, float32 inputs, fp32 precision, float64 Gram")] == "direct"
+    assert all(name in ("rows", "shift", "direct", "torch") for name in ran.values())
 
 
 def test_forced_portable_is_rows_and_torch_everywhere(recorded, capsys, monkeypatch):
