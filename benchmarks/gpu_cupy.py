@@ -44,7 +44,7 @@ import sap_fast  # noqa: E402
 from sap_fast.backends import batched_linalg, nvrtc  # noqa: E402
 from sap_fast.backends.native import native_cuda  # noqa: E402
 from common import run_worker, write_results  # noqa: E402
-from sap_fast.experiments import zoo as bench_models  # noqa: E402
+import zoo as bench_models  # noqa: E402
 
 TIME_LIMIT = 1.05  # the NVRTC build may take at most 5% longer than the nvcc build, network-wide
 WIN_MARGIN = 0.95  # a batched call "wins" when it takes under 95% of torch's time

@@ -23,7 +23,7 @@ Evaluation runs in bf16 autocast with channels_last when that gives the same pre
 on the unprojected model over the whole validation set (``eval_mode`` says which was used and
 the agreement), else in fp32.
 
-``official``: sap_fast/experiments/official.py on the same trusted samples and α grid (rows through the
+``official``: benchmarks/official.py on the same trusted samples and α grid (rows through the
 CPU, 50 000 per layer, float32 SVD, a model copy per α), its stage times, and the same evaluation.
 
     python benchmarks/gpu_e2e.py                        # the GPU run
@@ -48,7 +48,7 @@ from sap_fast.project import Projector  # noqa: E402
 from sap_fast.sweep import DEFAULT_ALPHAS  # noqa: E402
 from common import Deadline, JsonLines, add_lease_arguments, verdict, write_results  # noqa: E402
 from gpu_gram import Timer  # noqa: E402
-from sap_fast.experiments import zoo as bench_models  # noqa: E402
+import zoo as bench_models  # noqa: E402
 
 CORRECT_ALPHA = 3e4
 TARGETS_S = {"resnet50": 0.5, "vit_b_16": 1.0}  # correct() in exact mode on an H100: the target
@@ -173,7 +173,7 @@ def run_model(name: str, args, device: torch.device, log, deadline) -> dict:
     if args.official and limit <= 0:
         log.write({"kind": "skipped", "model": name, "check": "official", "reason": "out of time"})
     elif args.official:
-        from sap_fast.experiments.official import official_correct
+        from official import official_correct
         evals = {}
 
         def on_model(alpha, corrected):

@@ -3,7 +3,7 @@ model and precision. Writes ``benchmarks/results/gpu-gram-<device>.json``; the f
 with, and the published rates they assume, are in docs/cost-census.md.
 
 For each model (ResNet-50 and ViT-B/16 at 224×224, 14 classes, random weights; torchvision's
-when it imports, else sap_fast/experiments/zoo.py's identical layout) and N trusted samples already on
+when it imports, else benchmarks/zoo.py's identical layout) and N trusted samples already on
 the device, batch B:
 
 - ``forward``: the batched forward pass alone (what collect_stats must run anyway);
@@ -21,7 +21,7 @@ the device, batch B:
   the fp64 mode (exact products of the fp32 activations, float64 sums), which the test suite
   holds to the materialised-R float64 SVD to 1e-8 (tests/core/test_vs_reference.py,
   tests/backends/test_cuda_ops.py);
-- ``official``: sap_fast/experiments/official.py (rows through the CPU, 50 000 per layer, float32 SVD):
+- ``official``: benchmarks/official.py (rows through the CPU, 50 000 per layer, float32 SVD):
   its gather + SVD time, the stage the Gram (+ spectra) replaces; ``speedup`` = that / gram.
 
 Modes: fp64 (default: float64 accumulation), fp32 (float32 accumulation), tf32 (TF32 tensor
@@ -56,8 +56,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import sap_fast  # noqa: E402
 from sap_fast import accumulate  # noqa: E402
 from common import Deadline, JsonLines, add_lease_arguments, verdict, write_results  # noqa: E402
-from sap_fast.experiments import zoo as bench_models  # noqa: E402
-from sap_fast.experiments.zoo import shift_macs  # noqa: E402
+import zoo as bench_models  # noqa: E402
+from zoo import shift_macs  # noqa: E402
 
 MODES = {
     "fp64": dict(dtype=torch.float64, input_precision="fp32"),
@@ -273,7 +273,7 @@ def run_model(name: str, args, device: torch.device, rates: dict, log, deadline)
         if limit <= 0:
             log.write({"kind": "skipped", "model": name, "check": "official", "reason": "out of time"})
         else:
-            from sap_fast.experiments.official import official_correct
+            from official import official_correct
             res = official_correct(model, x, [3e4], max_samples=args.official_rows, max_batch_size=args.batch,
                                    on_model=lambda alpha, corrected: None, time_limit=limit)
             official_s = res.stage_times["gather"] + res.stage_times["svd"]
