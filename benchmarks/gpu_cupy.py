@@ -1,5 +1,5 @@
 """The cupy backend on a GPU: the NVRTC build of the conv Gram kernel against the nvcc build, its
-compile latency, and batched cuSOLVER against torch. Writes ``benchmarks/results/gpu-cupy-<device>.json``.
+compile latency, and batched cuSOLVER against torch. Writes ``benchmarks/results/gpu-cupy-<device>.jsonl``.
 
 Three measurements, each what a routing decision needs:
 
@@ -24,7 +24,7 @@ Three measurements, each what a routing decision needs:
     python benchmarks/gpu_cupy.py                 # the GPU run (a few minutes on an H100)
     python benchmarks/gpu_cupy.py --plan          # the layers and batches it would time (any machine)
 
-Without a GPU, or without cupy, it says why and writes a JSON with ``skipped``.
+Without a GPU, or without cupy, it says why and writes one record with ``skipped``.
 """
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
         return 0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     slug = device.replace(" ", "-").replace("/", "-")
-    out = args.out or os.path.join(HERE, "results", f"gpu-cupy-{slug}.json")
+    out = args.out or os.path.join(HERE, "results", f"gpu-cupy-{slug}.jsonl")
     cp, why = nvrtc.load()
     if not torch.cuda.is_available() or cp is None:
         why = why if torch.cuda.is_available() else "no CUDA device"

@@ -1,5 +1,5 @@
 """End to end on the GPU: correct() and sweep() on ResNet-50 and ViT-B/16, per stage, against the
-official approach (docs/methods.md#official-sap). Writes ``benchmarks/results/gpu-e2e-<device>.json``.
+official approach (docs/methods.md#official-sap). Writes ``benchmarks/results/gpu-e2e-<device>.jsonl``.
 
 Setting (per model; 14 classes, random weights, random images already on the device): a pool of
 ``--pool`` labelled images to pick the ``--trusted`` trusted samples from, and a validation set of
@@ -50,6 +50,8 @@ from common import Deadline, JsonLines, add_lease_arguments, verdict, write_resu
 from gpu_gram import Timer  # noqa: E402
 import zoo as bench_models  # noqa: E402
 
+# the results' nesting (benchmarks/common.flatten): a model's entries
+KEYED = {"results": "model"}
 CORRECT_ALPHA = 3e4
 TARGETS_S = {"resnet50": 0.5, "vit_b_16": 1.0}  # correct() in exact mode on an H100: the target
 OFFICIAL_SPEEDUP = 50  # the sweep must beat the official approach by this much
@@ -242,9 +244,8 @@ def main(argv=None) -> int:
         args.official_rows = min(args.official_rows, 500)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    deadline, log = Deadline(args.time_budget), JsonLines(args.jsonl)
-    log.write({"kind": "setup", "device": name, "command": " ".join(["python3"] + sys.argv),
-               "torch": torch.__version__, "cuda": torch.version.cuda, "args": vars(args)})
+    deadline = Deadline(args.time_budget)
+    log = JsonLines(args.jsonl, device=None if name == "cpu" else name, keyed=KEYED)
     results = {}
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if not deadline.allows(30):
@@ -254,8 +255,8 @@ def main(argv=None) -> int:
         print(f"{model_name}: done", flush=True)
     print(table(results))
     slug = name.replace(" ", "-").replace("/", "-")
-    out = args.out or os.path.join(HERE, "results", f"gpu-e2e-{slug}.json")
-    write_results(out, {"device": name, "results": results, "table": table(results)},
+    out = args.out or os.path.join(HERE, "results", f"gpu-e2e-{slug}.jsonl")
+    write_results(out, {"device": name, "results": results, "table": table(results)}, keyed=KEYED,
                   backend=sap_fast.backend_info(), cuda=torch.version.cuda)
     return 0
 

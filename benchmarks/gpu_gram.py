@@ -1,5 +1,5 @@
 """Gram accumulation on the GPU: time, floor, official approach, peak memory and Wp error, per
-model and precision. Writes ``benchmarks/results/gpu-gram-<device>.json``; the floors it is compared
+model and precision. Writes ``benchmarks/results/gpu-gram-<device>.jsonl``; the floors it is compared
 with, and the published rates they assume, are in docs/cost-census.md.
 
 For each model (ResNet-50 and ViT-B/16 at 224×224, 14 classes, random weights; torchvision's
@@ -59,6 +59,8 @@ from common import Deadline, JsonLines, add_lease_arguments, verdict, write_resu
 import zoo as bench_models  # noqa: E402
 from zoo import shift_macs  # noqa: E402
 
+# the results' nesting (benchmarks/common.flatten): a model's entries, and each mode's within them
+KEYED = {"results": "model", "modes": "mode"}
 MODES = {
     "fp64": dict(dtype=torch.float64, input_precision="fp32"),
     "fp32": dict(dtype=torch.float32, input_precision="fp32"),
@@ -291,14 +293,6 @@ def run_model(name: str, args, device: torch.device, rates: dict, log, deadline)
     return out
 
 
-def triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except Exception:  # noqa: BLE001 - a version string, or None where Triton does not import
-        return None
-
-
 def choose_default(modes: dict) -> str:
     """The fastest mode whose Wp error stays within WP_LIMIT at every α (fp64 always qualifies)."""
     ok = [m for m, row in modes.items() if all(e["max"] <= WP_LIMIT for e in row.get("wp_error", {}).values())]
@@ -356,22 +350,20 @@ def main(argv=None) -> int:
     torch.backends.cudnn.deterministic = True  # the same activations in every mode's pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     deadline = Deadline(args.time_budget)
-    log = JsonLines(args.jsonl)
+    log = JsonLines(args.jsonl, device=None if name == "cpu" else name, keyed=KEYED)
     rates = {m: matrix_rate(m, device, args.gemm_size) for m in {mode_settings(x)[2] for x in args.modes}}
     print("matrix rates (TFLOP/s):", {m: round(r / 1e12, 2) for m, r in rates.items()}, flush=True)
-    log.write({"kind": "setup", "device": name, "command": " ".join(["python3"] + sys.argv),
-               "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version(),
-               "rates_tflops": {m: r / 1e12 for m, r in rates.items()}, "args": vars(args)})
+    log.write({"kind": "setup", "rates_tflops": {m: r / 1e12 for m, r in rates.items()}})
     results = {}
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         results[model_name] = run_model(model_name, args, device, rates, log, deadline)
         print(f"{model_name}: done", flush=True)
     print(table(results))
     slug = name.replace(" ", "-").replace("/", "-")
-    out = args.out or os.path.join(HERE, "results", f"gpu-gram-{slug}.json")
+    out = args.out or os.path.join(HERE, "results", f"gpu-gram-{slug}.jsonl")
     write_results(out, {"device": name, "rates_tflops": {m: r / 1e12 for m, r in rates.items()},
                         "results": results, "table": table(results)},
-                  backend=sap_fast.backend_info(), cuda=torch.version.cuda)
+                  keyed=KEYED, backend=sap_fast.backend_info(), cuda=torch.version.cuda)
     return 0
 
 
