@@ -55,7 +55,7 @@ RENDERINGS = frozenset({"markdown", "table"})
 # the top-level containers whose name a metric does not repeat
 CONTAINERS = frozenset({"rows", "results", "records", "runs"})
 # version strings a script may pass to write_results as meta (they go to "versions")
-_VERSIONS = ("python", "torch", "triton", "cupy", "cuda", "sap_fast", "pillow")
+_VERSIONS = ("python", "torch", "triton", "cupy", "cuda", "nvrtc", "sap_fast", "pillow")
 
 
 def _number(v) -> bool:
@@ -122,7 +122,7 @@ def flatten(payload: Dict[str, Any], *, keys: Iterable[str] = (), keyed: Optiona
                 out.append((own, metric or "entry", None, {}))
         elif isinstance(node, list):
             if node and all(_number(x) for x in node):
-                out.extend(({**params, "index": i}, metric, x, {}) for i, x in enumerate(node))
+                out.extend(({**params, "index": i}, metric or "value", x, {}) for i, x in enumerate(node))
                 return
             parts = []
             for element in node:
@@ -136,7 +136,7 @@ def flatten(payload: Dict[str, Any], *, keys: Iterable[str] = (), keyed: Optiona
             for part in parts:
                 out.extend(part)
         elif _number(node) or node is None:
-            out.append((params, metric, node, {}))
+            out.append((params, metric or "value", node, {}))
         else:
             out.append(({**params, metric or "value": node}, metric or "entry", None, {}))
 
