@@ -55,8 +55,8 @@ check-cuda-build:
 # stack into build/triton-3.6.0, never over it
 DEVICE_TRITON ?= 3.6.0
 check-triton:
-	$(PYTHON) tools/check_triton.py --json build/check-triton-installed.json
-	$(PYTHON) tools/check_triton.py --triton $(DEVICE_TRITON) --json build/check-triton-$(DEVICE_TRITON).json
+	$(PYTHON) tools/check_triton.py --json build/check-triton-installed.jsonl
+	$(PYTHON) tools/check_triton.py --triton $(DEVICE_TRITON) --json build/check-triton-$(DEVICE_TRITON).jsonl
 
 gpu-dry-run:
 	OUT=build/gpu-dry-run bash benchmarks/gpu_suite.sh --dry-run all

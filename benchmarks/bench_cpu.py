@@ -1,9 +1,9 @@
 """CPU benchmark: sap_fast's portable path against the slow reference (materialized R, SVD).
 
 Each (case, implementation) runs in a fresh subprocess so its peak resident memory is its own.
-Prints a table (time, peak memory, and their ratios) and writes JSON.
+Prints a table (time, peak memory, and their ratios) and writes its records (JSON lines, benchmarks/common.py).
 
-    python benchmarks/bench_cpu.py [--quick] [--out benchmarks/results/cpu-vs-reference.json]
+    python benchmarks/bench_cpu.py [--quick] [--out benchmarks/results/cpu-vs-reference.jsonl]
 
 Cases: a ResNet-shaped 3×3 stage and a ViT-shaped token MLP (reduced resolution, so the
 reference fits), and the two "wide, short" classifier layers — ResNet-50's (2048 wide, 1000 rows)
@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the 25088-wide case")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-vs-reference.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-vs-reference.jsonl"))
     args = parser.parse_args()
     names = [n for n in CASES if not (args.quick and n == "vgg-classifier")]
     rows = []

@@ -1,7 +1,7 @@
 """CPU benchmark of the accumulate stage's Gram kernels on ResNet-50- and VGG-16-shaped convs.
 
     python benchmarks/bench_native_cpu.py [--quick] [--dtypes float64 float32]
-                                          [--out benchmarks/results/cpu-native.json]
+                                          [--out benchmarks/results/cpu-native.jsonl]
 
 For each conv layer shape, three ways to form the Gram RᵀR of its patch matrix:
 
@@ -16,7 +16,7 @@ For each conv layer shape, three ways to form the Gram RᵀR of its patch matrix
 Each (layer, kernel, dtype) runs in a fresh process, so its peak resident memory is its own;
 "extra memory" is the rise of peak RSS over the process after its input was made and a tiny
 warm-up ran. The time is the better of two runs. Expect ±10% on a shared 2-core machine, more
-when anything else runs. The results table (ratios against portable) goes to stdout and JSON.
+when anything else runs. The results table (ratios against portable) goes to stdout, the records to JSON lines.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke run on tiny shapes, no end to end")
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-native.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-native.jsonl"))
     args = parser.parse_args()
     rows = []
     print(f"{'layer':30s} {'dtype':8s} {'portable':>18s} {'tiled':>26s} {'shift':>26s}")

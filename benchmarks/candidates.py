@@ -10,7 +10,7 @@ candidates=K)``)?
    It shows how the threshold quantile n/K moves, under that loss model only.
 
     python benchmarks/candidates.py [--seeds 0 1 2] [--draws 20]
-    → benchmarks/results/candidates.json and markdown tables on stdout
+    → benchmarks/results/candidates.jsonl and markdown tables on stdout
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--draws", type=int, default=20, help="candidate draws per model and K")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                        "results", "candidates.json"))
+                                                        "results", "candidates.jsonl"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows, losses = measured(args.seeds, args.draws)

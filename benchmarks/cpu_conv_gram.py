@@ -2,7 +2,7 @@
 statistics pass runs for the same call, on the convs the shift kernel does not serve.
 
     python benchmarks/cpu_conv_gram.py [--runs 5] [--threads 2] [--tiny]
-                                       [--out benchmarks/results/cpu-conv-gram.json]
+                                       [--out benchmarks/results/cpu-conv-gram.jsonl]
 
 The statistics pass routes strided convs and 1×1 convs on the CPU to the portable path
 (``Tensor.unfold`` rows in chunks of 8M elements, one GEMM each: ``sap_fast.accumulate``'s
@@ -82,12 +82,16 @@ def kernels(c, k, stride, pad):
     return {"portable": portable, "conv_gram": conv_gram}
 
 
+#: the numbers of a row that name its case (parameters), not measurements
+SHAPE_KEYS = ("in_channels", "size", "kernel", "stride", "padding", "batch", "d", "rows", "threads", "runs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="smoke run on tiny shapes (numbers mean nothing)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-conv-gram.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu-conv-gram.jsonl"))
     args = parser.parse_args()
     from sap_fast.backends.native import native
 
@@ -121,7 +125,7 @@ def main() -> None:
               f"{best['conv_gram'][0]:7.4f}s {best['conv_gram'][1]:6.1f}MB {row['time_ratio']:7.2f} "
               f"{row['memory_ratio']:8.2f}", flush=True)
         rows.append(row)
-    write_results(args.out, {"rows": rows}, threads=args.threads, runs=args.runs,
+    write_results(args.out, {"rows": rows}, keys=SHAPE_KEYS, threads=args.threads, runs=args.runs,
                   dtype="float64 Gram of float32 inputs",
                   load_average=[load_before, os.getloadavg()[0]])  # 1-min load: before, after
 

@@ -1,5 +1,5 @@
 """The cupy backend on a GPU: the NVRTC build of the conv Gram kernel against the nvcc build, its
-compile latency, and batched cuSOLVER against torch. Writes ``benchmarks/results/gpu-cupy-<device>.json``.
+compile latency, and batched cuSOLVER against torch. Writes ``benchmarks/results/gpu-cupy-<device>.jsonl``.
 
 Three measurements, each what a routing decision needs:
 
@@ -24,7 +24,7 @@ Three measurements, each what a routing decision needs:
     python benchmarks/gpu_cupy.py                 # the GPU run (a few minutes on an H100)
     python benchmarks/gpu_cupy.py --plan          # the layers and batches it would time (any machine)
 
-Without a GPU, or without cupy, it says why and writes a JSON with ``skipped``.
+Without a GPU, or without cupy, it says why and writes one record with ``skipped``.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import sap_fast  # noqa: E402
 from sap_fast.backends import batched_linalg, nvrtc  # noqa: E402
 from sap_fast.backends.native import native_cuda  # noqa: E402
 from common import run_worker, write_results  # noqa: E402
-from sap_fast.experiments import zoo as bench_models  # noqa: E402
+import zoo as bench_models  # noqa: E402
 
 TIME_LIMIT = 1.05  # the NVRTC build may take at most 5% longer than the nvcc build, network-wide
 WIN_MARGIN = 0.95  # a batched call "wins" when it takes under 95% of torch's time
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
         return 0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     slug = device.replace(" ", "-").replace("/", "-")
-    out = args.out or os.path.join(HERE, "results", f"gpu-cupy-{slug}.json")
+    out = args.out or os.path.join(HERE, "results", f"gpu-cupy-{slug}.jsonl")
     cp, why = nvrtc.load()
     if not torch.cuda.is_available() or cp is None:
         why = why if torch.cuda.is_available() else "no CUDA device"
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         return 0
     torch.backends.cuda.matmul.allow_tf32 = False
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    results = {"device": device, "nvrtc": nvrtc.nvrtc_version(), "cupy": cp.__version__}
+    results = {"device": device}
     if "compile" in parts:
         results["compile"] = time_compile()
         print("compile:", results["compile"], flush=True)
@@ -232,7 +232,8 @@ def main(argv=None) -> int:
         for row in results["linalg"]:
             times = ", ".join(f"{k[:-2]} {v * 1e3:.3f} ms" for k, v in row.items() if k.endswith("_s"))
             print(f"{row['source']} {row['groups']}×{row['n']}²: {times}", flush=True)
-    write_results(out, results, backend=sap_fast.backend_info(), cuda=torch.version.cuda)
+    write_results(out, results, backend=sap_fast.backend_info(), cuda=torch.version.cuda, cupy=cp.__version__,
+                  nvrtc=nvrtc.nvrtc_version())
     return 0
 
 

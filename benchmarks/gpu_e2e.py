@@ -1,5 +1,5 @@
 """End to end on the GPU: correct() and sweep() on ResNet-50 and ViT-B/16, per stage, against the
-official approach (docs/methods.md#official-sap). Writes ``benchmarks/results/gpu-e2e-<device>.json``.
+official approach (docs/methods.md#official-sap). Writes ``benchmarks/results/gpu-e2e-<device>.jsonl``.
 
 Setting (per model; 14 classes, random weights, random images already on the device): a pool of
 ``--pool`` labelled images to pick the ``--trusted`` trusted samples from, and a validation set of
@@ -23,7 +23,7 @@ Evaluation runs in bf16 autocast with channels_last when that gives the same pre
 on the unprojected model over the whole validation set (``eval_mode`` says which was used and
 the agreement), else in fp32.
 
-``official``: sap_fast/experiments/official.py on the same trusted samples and α grid (rows through the
+``official``: benchmarks/official.py on the same trusted samples and α grid (rows through the
 CPU, 50 000 per layer, float32 SVD, a model copy per α), its stage times, and the same evaluation.
 
     python benchmarks/gpu_e2e.py                        # the GPU run
@@ -48,8 +48,10 @@ from sap_fast.project import Projector  # noqa: E402
 from sap_fast.sweep import DEFAULT_ALPHAS  # noqa: E402
 from common import Deadline, JsonLines, add_lease_arguments, verdict, write_results  # noqa: E402
 from gpu_gram import Timer  # noqa: E402
-from sap_fast.experiments import zoo as bench_models  # noqa: E402
+import zoo as bench_models  # noqa: E402
 
+# the results' nesting (benchmarks/common.flatten): a model's entries
+KEYED = {"results": "model"}
 CORRECT_ALPHA = 3e4
 TARGETS_S = {"resnet50": 0.5, "vit_b_16": 1.0}  # correct() in exact mode on an H100: the target
 OFFICIAL_SPEEDUP = 50  # the sweep must beat the official approach by this much
@@ -173,7 +175,7 @@ def run_model(name: str, args, device: torch.device, log, deadline) -> dict:
     if args.official and limit <= 0:
         log.write({"kind": "skipped", "model": name, "check": "official", "reason": "out of time"})
     elif args.official:
-        from sap_fast.experiments.official import official_correct
+        from official import official_correct
         evals = {}
 
         def on_model(alpha, corrected):
@@ -242,9 +244,8 @@ def main(argv=None) -> int:
         args.official_rows = min(args.official_rows, 500)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    deadline, log = Deadline(args.time_budget), JsonLines(args.jsonl)
-    log.write({"kind": "setup", "device": name, "command": " ".join(["python3"] + sys.argv),
-               "torch": torch.__version__, "cuda": torch.version.cuda, "args": vars(args)})
+    deadline = Deadline(args.time_budget)
+    log = JsonLines(args.jsonl, device=None if name == "cpu" else name, keyed=KEYED)
     results = {}
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if not deadline.allows(30):
@@ -254,8 +255,8 @@ def main(argv=None) -> int:
         print(f"{model_name}: done", flush=True)
     print(table(results))
     slug = name.replace(" ", "-").replace("/", "-")
-    out = args.out or os.path.join(HERE, "results", f"gpu-e2e-{slug}.json")
-    write_results(out, {"device": name, "results": results, "table": table(results)},
+    out = args.out or os.path.join(HERE, "results", f"gpu-e2e-{slug}.jsonl")
+    write_results(out, {"device": name, "results": results, "table": table(results)}, keyed=KEYED,
                   backend=sap_fast.backend_info(), cuda=torch.version.cuda)
     return 0
 

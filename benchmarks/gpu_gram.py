@@ -1,9 +1,9 @@
 """Gram accumulation on the GPU: time, floor, official approach, peak memory and Wp error, per
-model and precision. Writes ``benchmarks/results/gpu-gram-<device>.json``; the floors it is compared
+model and precision. Writes ``benchmarks/results/gpu-gram-<device>.jsonl``; the floors it is compared
 with, and the published rates they assume, are in docs/cost-census.md.
 
 For each model (ResNet-50 and ViT-B/16 at 224×224, 14 classes, random weights; torchvision's
-when it imports, else sap_fast/experiments/zoo.py's identical layout) and N trusted samples already on
+when it imports, else benchmarks/zoo.py's identical layout) and N trusted samples already on
 the device, batch B:
 
 - ``forward``: the batched forward pass alone (what collect_stats must run anyway);
@@ -21,7 +21,7 @@ the device, batch B:
   the fp64 mode (exact products of the fp32 activations, float64 sums), which the test suite
   holds to the materialised-R float64 SVD to 1e-8 (tests/core/test_vs_reference.py,
   tests/backends/test_cuda_ops.py);
-- ``official``: sap_fast/experiments/official.py (rows through the CPU, 50 000 per layer, float32 SVD):
+- ``official``: benchmarks/official.py (rows through the CPU, 50 000 per layer, float32 SVD):
   its gather + SVD time, the stage the Gram (+ spectra) replaces; ``speedup`` = that / gram.
 
 Modes: fp64 (default: float64 accumulation), fp32 (float32 accumulation), tf32 (TF32 tensor
@@ -56,9 +56,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 import sap_fast  # noqa: E402
 from sap_fast import accumulate  # noqa: E402
 from common import Deadline, JsonLines, add_lease_arguments, verdict, write_results  # noqa: E402
-from sap_fast.experiments import zoo as bench_models  # noqa: E402
-from sap_fast.experiments.zoo import shift_macs  # noqa: E402
+import zoo as bench_models  # noqa: E402
+from zoo import shift_macs  # noqa: E402
 
+# the results' nesting (benchmarks/common.flatten): a model's entries, and each mode's within them
+KEYED = {"results": "model", "modes": "mode"}
 MODES = {
     "fp64": dict(dtype=torch.float64, input_precision="fp32"),
     "fp32": dict(dtype=torch.float32, input_precision="fp32"),
@@ -273,7 +275,7 @@ def run_model(name: str, args, device: torch.device, rates: dict, log, deadline)
         if limit <= 0:
             log.write({"kind": "skipped", "model": name, "check": "official", "reason": "out of time"})
         else:
-            from sap_fast.experiments.official import official_correct
+            from official import official_correct
             res = official_correct(model, x, [3e4], max_samples=args.official_rows, max_batch_size=args.batch,
                                    on_model=lambda alpha, corrected: None, time_limit=limit)
             official_s = res.stage_times["gather"] + res.stage_times["svd"]
@@ -289,14 +291,6 @@ def run_model(name: str, args, device: torch.device, rates: dict, log, deadline)
                                                for m, r in out["modes"].items()}})
     out["default_mode"] = choose_default(out["modes"])
     return out
-
-
-def triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except Exception:  # noqa: BLE001 - a version string, or None where Triton does not import
-        return None
 
 
 def choose_default(modes: dict) -> str:
@@ -356,22 +350,20 @@ def main(argv=None) -> int:
     torch.backends.cudnn.deterministic = True  # the same activations in every mode's pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     deadline = Deadline(args.time_budget)
-    log = JsonLines(args.jsonl)
+    log = JsonLines(args.jsonl, device=None if name == "cpu" else name, keyed=KEYED)
     rates = {m: matrix_rate(m, device, args.gemm_size) for m in {mode_settings(x)[2] for x in args.modes}}
     print("matrix rates (TFLOP/s):", {m: round(r / 1e12, 2) for m, r in rates.items()}, flush=True)
-    log.write({"kind": "setup", "device": name, "command": " ".join(["python3"] + sys.argv),
-               "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version(),
-               "rates_tflops": {m: r / 1e12 for m, r in rates.items()}, "args": vars(args)})
+    log.write({"kind": "setup", "rates_tflops": {m: r / 1e12 for m, r in rates.items()}})
     results = {}
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         results[model_name] = run_model(model_name, args, device, rates, log, deadline)
         print(f"{model_name}: done", flush=True)
     print(table(results))
     slug = name.replace(" ", "-").replace("/", "-")
-    out = args.out or os.path.join(HERE, "results", f"gpu-gram-{slug}.json")
+    out = args.out or os.path.join(HERE, "results", f"gpu-gram-{slug}.jsonl")
     write_results(out, {"device": name, "rates_tflops": {m: r / 1e12 for m, r in rates.items()},
                         "results": results, "table": table(results)},
-                  backend=sap_fast.backend_info(), cuda=torch.version.cuda)
+                  keyed=KEYED, backend=sap_fast.backend_info(), cuda=torch.version.cuda)
     return 0
 
 

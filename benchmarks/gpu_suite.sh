@@ -18,8 +18,8 @@
 # benchmarks/verdicts.py -> verdicts.txt (also printed): each measured item against its target.
 #
 # Files per phase (at most 7): probe.txt build.log backend_info.json verdicts.txt and
-#   tests: tests.xml tests.txt        gram: gram.jsonl gram.json gram.log
-#   e2e:   e2e.jsonl e2e.json e2e.log cupy: cupy.xml cupy.txt cupy.json   bench: bench.json bench.log
+#   tests: tests.xml tests.txt        gram: gram.jsonl gram-results.jsonl gram.log
+#   e2e:   e2e.jsonl e2e-results.jsonl e2e.log   cupy: cupy.xml cupy.txt cupy-results.jsonl   bench: bench.json bench.log
 #
 # Environment: OUT (default benchmarks/results/gpu-run), PHASE_BUDGET (seconds, default 540),
 # BUILD_CAP (default 240), MODELS (gram: resnet50; e2e: resnet50,vit_b_16), MODES (gram:
@@ -103,20 +103,20 @@ phase() {
       timeout "$(left)" python3 benchmarks/gpu_gram.py --models "${MODELS:-resnet50}" \
         --modes "${MODES:-$( ((DRY)) && echo fp64,fp32,tf32,bf16,fp64-fma,fp64-triton,fp32-triton,fp64-shift,fp32-shift || echo fp64,fp32,tf32,bf16,fp64-fma)}" \
         --official-seconds "${OFFICIAL_S:-60}" "${SMOKE[@]}" \
-        --jsonl "$OUT/gram.jsonl" --out "$OUT/gram.json" >"$OUT/gram.log" 2>&1
+        --jsonl "$OUT/gram.jsonl" --out "$OUT/gram-results.jsonl" >"$OUT/gram.log" 2>&1
       echo "gpu_gram.py: exit status $?"; tail -n 20 "$OUT/gram.log" ;;
     e2e)
       local sizes=(--pool 2000 --val 1000)
       (( DRY )) && sizes=()
       timeout "$(left)" python3 benchmarks/gpu_e2e.py --models "${MODELS:-resnet50,vit_b_16}" "${sizes[@]}" \
         --official-seconds "${OFFICIAL_S:-45}" "${SMOKE[@]}" \
-        --jsonl "$OUT/e2e.jsonl" --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
+        --jsonl "$OUT/e2e.jsonl" --out "$OUT/e2e-results.jsonl" >"$OUT/e2e.log" 2>&1
       echo "gpu_e2e.py: exit status $?"; tail -n 12 "$OUT/e2e.log" ;;
     cupy)
       if (( DRY )); then run_pytest cupy tests/backends/test_nvrtc.py -k "stream or route or batched"
       else run_pytest cupy tests/backends/test_nvrtc.py; fi
       local plan=(); (( DRY )) && plan=(--plan)
-      { timeout "$(left)" python3 benchmarks/gpu_cupy.py "${plan[@]}" --out "$OUT/cupy.json"; \
+      { timeout "$(left)" python3 benchmarks/gpu_cupy.py "${plan[@]}" --out "$OUT/cupy-results.jsonl"; \
         echo "gpu_cupy.py: exit status $?"; } >>"$OUT/cupy.txt" 2>&1
       tail -n 15 "$OUT/cupy.txt" ;;
     bench)

@@ -30,7 +30,7 @@ ViT-Tiny/16-shaped HF transformers ``ViTForImageClassification`` at 224×224 (N 
 
     pip install curvlinops-for-pytorch backpack-for-pytorch   (or the package's extra: ".[peers]")
     python benchmarks/peers.py [--models vgg11,resnet18,vit-tiny] [--repeats 3]
-                               [--out benchmarks/results/peers-cpu.json]   (and peers-cpu.png beside it)
+                               [--out benchmarks/results/peers-cpu.jsonl]   (and peers-cpu.png beside it)
     python benchmarks/peers.py --tiny     (the same models, a fraction of the width: seconds)
 """
 from __future__ import annotations
@@ -573,7 +573,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="vgg11,resnet18,vit-tiny")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="the same models at a fraction of the width (seconds)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "peers-cpu.json"))
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "peers-cpu.jsonl"))
     parser.add_argument("--plot", help="the PNG (default: --out with .png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -591,7 +591,7 @@ def main(argv=None) -> int:
     if png:
         print(f"wrote {png}")
     from importlib.metadata import version
-    write_results(args.out, {"results": results, "markdown": table}, threads=torch.get_num_threads(),
+    write_results(args.out, {"results": results, "markdown": table}, keyed={"methods": "method"}, threads=torch.get_num_threads(),
                   tiny=args.tiny, repeats=args.repeats, load_average_at_start=load_at_start,
                   load_average_at_end=list(os.getloadavg()),
                   versions={p: version(p) for p in ("curvlinops-for-pytorch", "backpack-for-pytorch", "transformers")})

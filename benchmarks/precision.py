@@ -15,7 +15,7 @@ Models: the digits demo's noisy CNN (trained, 300 trusted samples; also test acc
 correction) and a wider synthetic conv stack (3×3 convs 3→64→64 on 32×32 smooth random images,
 random weights, 64 samples; d = 27 and 576).
 
-    python benchmarks/precision.py [--seed 0] [--out benchmarks/results/precision.json]
+    python benchmarks/precision.py [--seed 0] [--out benchmarks/results/precision.jsonl]
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trusted", type=int, default=300)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "precision.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "precision.jsonl"))
     args = parser.parse_args()
     torch.set_num_threads(2)
 

@@ -21,10 +21,10 @@ what is measured.
 
     python benchmarks/scale.py            # sizes 2000, 20000, 50000 x workers 0, 2: about 4-6 min on 2 cores
     python benchmarks/scale.py --quick    # smoke run: 300 and 1000 images, workers 0, --trusted 100, 1 epoch
-    python benchmarks/scale.py --sizes 2000 --workers 0,2 --out /tmp/scale.json
+    python benchmarks/scale.py --sizes 2000 --workers 0,2 --out /tmp/scale.jsonl
     python benchmarks/scale.py --regenerate   # write the cached trees again, to measure the generation
 
-→ benchmarks/results/scale-cpu.json (``--quick``: build/scale-cpu-quick.json) and Markdown
+→ benchmarks/results/scale-cpu.jsonl (``--quick``: build/scale-cpu-quick.jsonl) and Markdown
 tables on stdout. Uses the package and the standard library only.
 """
 from __future__ import annotations
@@ -41,9 +41,11 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from common import write_results  # noqa: E402
 DEFAULT_TREES = os.path.join(REPO, "build", "scale-trees")
-DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "scale-cpu.json")
-QUICK_OUT = os.path.join(REPO, "build", "scale-cpu-quick.json")
+DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "scale-cpu.jsonl")
+QUICK_OUT = os.path.join(REPO, "build", "scale-cpu-quick.jsonl")
 SIZES = (2000, 20000, 50000)
 QUICK_SIZES = (300, 1000)
 WORKERS = (0, 2)
@@ -398,7 +400,7 @@ def markdown(payload: dict) -> str:
     for r in payload["runs"]:
         head = f"| {r['train_images']:,} | {r['val_images']:,} / {r['test_images']:,} | {r['workers']} |"
         if "error" in r:
-            cells = ["failed: see the JSON"] + [""] * 6 + [_s(r["wall_seconds"], 1), "", ""]
+            cells = ["failed: see the results"] + [""] * 6 + [_s(r["wall_seconds"], 1), "", ""]
             lines.append(head + " " + " | ".join(cells) + " |")
             continue
         sec, rate = r["seconds"], r["images_per_second"]
@@ -436,8 +438,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256, help="the command's --batch-size (default 256)")
     parser.add_argument("--trees", default=DEFAULT_TREES, help="folder of the cached trees and weights "
                                                                "(default build/scale-trees)")
-    parser.add_argument("--out", help="results JSON (default benchmarks/results/scale-cpu.json; --quick: "
-                                      "build/scale-cpu-quick.json)")
+    parser.add_argument("--out", help="results, JSON lines (default benchmarks/results/scale-cpu.jsonl; --quick: "
+                                      "build/scale-cpu-quick.jsonl)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 and 1000 images, workers 0, "
                                                              "--trusted 100")
     parser.add_argument("--heartbeat", type=float, default=20.0,
@@ -518,15 +520,12 @@ def main(argv=None) -> int:
     payload["meta"]["load_average_at_end"] = list(os.getloadavg())
     payload["meta"]["benchmark_seconds"] = time.perf_counter() - started
     table = markdown(payload)
-    payload["markdown"] = table
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(out + ".tmp", out)
+    meta = dict(payload.pop("meta"))
+    write_results(out, payload, name="scale", time=meta.pop("date"), **meta)
     say()
     say(table)
     say()
-    say(f"wrote {out} ({payload['meta']['benchmark_seconds']:.0f} s in all)")
+    say(f"{meta['benchmark_seconds']:.0f} s in all")
     return 1 if any("error" in r for r in payload["runs"]) else 0
 
 

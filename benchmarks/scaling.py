@@ -9,7 +9,7 @@
    of samples, over 1, 2 and 3 gloo processes (one thread each).
 
     python benchmarks/scaling.py [--samples 480] [--repeats 2] [--no-measure]
-    → benchmarks/results/scaling.json and markdown tables on stdout
+    → benchmarks/results/scaling.jsonl and markdown tables on stdout
 """
 from __future__ import annotations
 
@@ -304,13 +304,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-measure", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                        "results", "scaling.json"))
+                                                        "results", "scaling.jsonl"))
     args = parser.parse_args()
     analytic = {"resnet50": analyse(resnet50(), args.trusted), "vit_b16": analyse(vit_b16(), args.trusted)}
     measured = [] if args.no_measure else measure(args.samples, args.repeats)
     reduce_modes = {} if args.no_measure else measure_reduce(args.repeats + 1)
     print(markdown(analytic, measured, reduce_modes))
-    write_results(args.out, {"analytic": analytic, "measured": measured, "reduce_modes": reduce_modes,
+    write_results(args.out, keyed={"analytic": "model"}, payload={"analytic": analytic, "measured": measured, "reduce_modes": reduce_modes,
                              "measured_model": "5 convs 3->32->64->128->256 (3x3, 32x32 input) + Linear(256, 10)",
                              "note": "measured on 2 shared CPU cores, one thread per rank: 3 ranks oversubscribe"},
                   samples=args.samples, trusted=args.trusted)

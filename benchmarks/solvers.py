@@ -1,7 +1,7 @@
 """The two routes from a Gram to corrected weights, side by side on one layer per width:
 ``eigh`` (one eigendecomposition, then one matmul update per α) against ``cholesky`` (one
 normalisation and G̃Wᵀ, then one Cholesky solve per α), float64. Prints a table and writes
-``benchmarks/results/solvers-<device>.json``: seconds for one α (what ``correct()`` does) and
+``benchmarks/results/solvers-<device>.jsonl``: seconds for one α (what ``correct()`` does) and
 for the 11-α default grid (what ``sweep()`` does, evaluations aside), and the two routes'
 relative difference.
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                      f"({grid['eigh_s'] / grid['cholesky_s']:.2f}×) | {r['rel_difference']:.1e} |")
     print("\n".join(lines))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = args.out or os.path.join(HERE, "results", f"solvers-{name.replace(' ', '-')}.json")
+    out = args.out or os.path.join(HERE, "results", f"solvers-{name.replace(' ', '-')}.jsonl")
     write_results(out, {"device": name, "threads": torch.get_num_threads(), "rows": rows, "table": "\n".join(lines)})
     return 0
 

@@ -19,9 +19,9 @@ those of ``off`` bit for bit.
 
     python benchmarks/sweep_cache.py                      # off, memory, disk, auto: about 8 min on 2 cores
     python benchmarks/sweep_cache.py --val 300 --test 100 --image-size 64 --modes off,auto   # a smoke run
-    python benchmarks/sweep_cache.py --workers 2 --out /tmp/sweep-cache.json
+    python benchmarks/sweep_cache.py --workers 2 --out /tmp/sweep-cache.jsonl
 
-→ benchmarks/results/sweep-cache-cpu.json, sweep-cache-cpu.png beside it, and a Markdown table on stdout.
+→ benchmarks/results/sweep-cache-cpu.jsonl, sweep-cache-cpu.png beside it, and a Markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--trees", default=os.path.join(REPO, "build", "sweep-trees"))
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "sweep-cache-cpu.json"))
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "sweep-cache-cpu.jsonl"))
     parser.add_argument("--plot", help="the PNG (default: --out with .png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sap_fast  # noqa: E402
-from sap_fast.experiments import zoo as bench_models  # noqa: E402
+import zoo as bench_models  # noqa: E402
 from gpu_gram import KERNELS, MODES, mode_settings  # noqa: E402
 
 SAMPLES, BATCH, SIZE = 1000, 128, 224
@@ -91,7 +91,7 @@ def test_sweep(benchmark, model, solver):
 
 
 def test_official_gather_and_svd(benchmark, model):
-    from sap_fast.experiments.official import official_correct
+    from official import official_correct
     name, net, x = model
     benchmark.group = f"{name}: correct() at α=3e4, exact mode"
     benchmark.pedantic(_synced(lambda: official_correct(net, x, [3e4], max_batch_size=BATCH,

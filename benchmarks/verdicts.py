@@ -2,13 +2,14 @@
 
     python3 benchmarks/verdicts.py OUT        # OUT: the folder benchmarks/gpu_suite.sh wrote
 
-Reads ``OUT/*.jsonl`` (benchmarks/gpu_gram.py and gpu_e2e.py write one line per measurement,
-each with its ``verdicts``; lines of kind ``skipped`` say what did not fit the time) and the
-pytest JUnit files ``OUT/*.xml``. A verdict is PASS, FAIL, OPEN (a lower bound that has not yet
-reached its target: the baseline was capped by time) or SKIPPED. On a machine without a GPU the
-targets mean nothing (they are an H100's): the table says so in its first line. Exit status 0
-unless a test failed or a result file cannot be read (a FAIL against a target is a finding, not
-an error of the run).
+Reads the streamed records ``OUT/<phase>.jsonl`` (benchmarks/gpu_gram.py and gpu_e2e.py write one
+record a line, in the schema of benchmarks/common.py; a record with a ``verdict`` is a measurement
+against its target, one with ``skipped`` says what did not fit the time; the final results,
+``OUT/<phase>-results.jsonl``, repeat them and are not read) and the pytest JUnit files
+``OUT/*.xml``. A verdict is PASS, FAIL, OPEN (a lower bound that has not yet reached its target:
+the baseline was capped by time) or SKIPPED. On a machine without a GPU the targets mean nothing
+(they are an H100's): the table says so in its first line. Exit status 0 unless a test failed or
+a result file cannot be read (a FAIL against a target is a finding, not an error of the run).
 """
 from __future__ import annotations
 
@@ -18,40 +19,63 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
+SCHEMA = ("name", "device", "versions", "parameters", "metric", "value", "command")  # benchmarks/common.py
+FINAL = "-results.jsonl"  # a phase's final results file beside its stream
+
 
 def _label(model, what, mode=None) -> str:
     return " ".join(str(p) for p in (model, mode, what) if p)
 
 
+def records(path: str, broken: list):
+    """The whole records of a stream, in order; a line cut by a kill (or not a record) goes to
+    ``broken`` as ``path:line`` and everything before and after it still counts."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or any(k not in row for k in SCHEMA):
+                broken.append(f"{path}:{number}")
+                continue
+            yield row
+
+
+def streams(out: str):
+    return [p for p in sorted(glob.glob(os.path.join(out, "*.jsonl"))) if not p.endswith(FINAL)]
+
+
+def _item(rec: dict):
+    """(label, where) of a verdict record: its check's name, and the mode or solver it is of."""
+    p, metric = rec["parameters"], rec["metric"]
+    where = p.get("mode") or p.get("solver")
+    if metric.startswith("verdicts."):
+        return metric[len("verdicts."):], where
+    if metric == "verdict":  # a check of its own kind (the oracle)
+        return p.get("kind") or metric, where
+    if metric.startswith("speedup_vs_official."):  # one speed-up per mode or solver, against the same baseline
+        capped = f" (capped at {p.get('time_cap_s') or 0:.0f} s)" if p.get("capped") else ""
+        return f"{metric.split('.', 1)[1]} speed-up vs official{capped}", None
+    return metric, where
+
+
 def verdict_rows(out: str):
     """(item, value, target, verdict) per measured item, in file order."""
     rows, broken = [], []
-    for path in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
+    for path in streams(out):
         phase = os.path.basename(path)[:-len(".jsonl")]
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill: everything before it counts
-                    broken.append(f"{path}:{number}")
-                    continue
-                kind = row.get("kind")
-                if kind == "skipped":
-                    what = row.get("mode") or row.get("solver") or row.get("check") or ""
-                    rows.append((f"{phase}: " + _label(row.get("model"), row.get("check") if row.get("mode") else "", what),
-                                 "", "", f"SKIPPED ({row.get('reason')})"))
-                    continue
-                checks = dict(row.get("verdicts") or {})
-                if kind == "oracle":
-                    checks = {"oracle": row["verdict"]}
-                where = row.get("mode") or row.get("solver")
-                if kind == "official":  # one speed-up per mode or solver, against the same baseline
-                    capped = f" (capped at {row.get('time_cap_s', 0):.0f} s)" if row.get("capped") else ""
-                    checks = {f"{k} speed-up vs official{capped}": v
-                              for k, v in (row.get("speedup_vs_official") or {}).items()}
-                for name, v in checks.items():
-                    rows.append((f"{phase}: " + _label(row.get("model"), name, where),
-                                 _fmt(v.get("value")), v.get("target", ""), _word(v)))
+        for rec in records(path, broken):
+            p = rec["parameters"]
+            if "skipped" in rec:
+                what = p.get("mode") or p.get("solver") or p.get("check") or ""
+                rows.append((f"{phase}: " + _label(p.get("model"), p.get("check") if p.get("mode") else "", what),
+                             "", "", f"SKIPPED ({rec['skipped']})"))
+            elif "verdict" in rec:
+                name, where = _item(rec)
+                v = {**rec["verdict"], "value": rec["value"]}
+                rows.append((f"{phase}: " + _label(p.get("model"), name, where), _fmt(v["value"]),
+                             v.get("target", ""), _word(v)))
     for path in sorted(glob.glob(os.path.join(out, "*.xml"))):
         try:
             root = ET.parse(path).getroot()
@@ -83,15 +107,10 @@ def _word(v: dict) -> str:
 
 
 def device_of(out: str) -> str:
-    for path in sorted(glob.glob(os.path.join(out, "*.jsonl"))):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if row.get("kind") == "setup":
-                    return row.get("device") or "?"
+    """The device the first whole record of a stream names."""
+    for path in streams(out):
+        for rec in records(path, []):
+            return rec["device"] or "?"
     return "?"
 
 
@@ -102,7 +121,7 @@ def main(argv=None) -> int:
         return 2
     rows, broken = verdict_rows(argv[0])
     device = device_of(argv[0])
-    note = "" if device not in ("cpu", "?") else " (no GPU: the targets are an H100's, these verdicts mean nothing)"
+    note = "" if not (device == "?" or device.startswith("cpu")) else " (no GPU: the targets are an H100's, these verdicts mean nothing)"
     print(f"verdicts on {device}{note}")
     width = max([len(r[0]) for r in rows] + [4])
     for item, value, target, word in rows:

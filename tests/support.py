@@ -10,6 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO_ROOT, "benchmarks")
+
+
+def benchmark_module(name: str):
+    """The module ``benchmarks/<name>.py`` of this checkout (code only the benchmarks use), imported
+    the way the scripts import each other: with ``benchmarks/`` first on ``sys.path``."""
+    import importlib
+    import sys
+
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    return importlib.import_module(name)
 
 
 class Tokens(nn.Module):
@@ -114,9 +126,9 @@ def assert_unchanged(model, snap):
 
 
 def tiny_vit(classes=3):
-    """ViT-B/16's layout (sap_fast.experiments.zoo) at toy size: 32×32 inputs, 16×16 patches, two
+    """ViT-B/16's layout (benchmarks/zoo.py) at toy size: 32×32 inputs, 16×16 patches, two
     blocks of width 16, and a random classifier head (torchvision's is zero)."""
-    from sap_fast.experiments import zoo
+    zoo = benchmark_module("zoo")
 
     torch.manual_seed(0)
     vit = zoo.VisionTransformer(32, 16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,

@@ -22,7 +22,7 @@ runs without the user asking for tiles); spills elsewhere are reported. One line
 
     python tools/check_triton.py                 # the installed Triton
     python tools/check_triton.py --triton 3.6.0  # that release, installed once into build/triton-3.6.0
-    python tools/check_triton.py --json out.json --jobs 2 --arch 90
+    python tools/check_triton.py --json out.jsonl --jobs 2 --arch 90
 
 With ``--triton`` the release is installed with ``pip install --no-deps --target`` beside the
 test stack (never over it) and the check runs again with it first on ``PYTHONPATH``.
@@ -33,7 +33,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import io
-import json
 import os
 import re
 import subprocess
@@ -247,7 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--triton", metavar="VERSION", help="check with this Triton release instead of the installed one")
     parser.add_argument("--arch", type=int, default=90, help="compute capability ×10 (default 90: H100/H200)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: every core)")
-    parser.add_argument("--json", metavar="FILE", help="also write every record to FILE")
+    parser.add_argument("--json", metavar="FILE", help="also write every record to FILE (JSON lines in the "
+                        "results schema of benchmarks/common.py)")
     args = parser.parse_args(argv)
 
     if args.triton:
@@ -277,12 +277,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"check_triton: triton {triton.__version__}, sm_{args.arch}: {len(records)} launches, "
           f"{len(failed)} failed to compile, {len(spilled)} spill ({len(default_spills)} of them "
           f"defaults), {time.time() - start:.0f} s")
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"triton": triton.__version__, "torch": torch.__version__, "arch": args.arch,
-                       "records": records}, f, indent=1)
-        os.replace(tmp, args.json)
+    if args.json:  # one record per launch and figure, in the benchmarks' results schema
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        from common import write_results
+
+        write_results(args.json, {"device": f"sm_{args.arch}, compiled ahead of time on the CPU (no GPU)",
+                                  "arch": args.arch, "records": records},
+                      name="check_triton", triton=triton.__version__, torch=torch.__version__)
     return 1 if failed or default_spills else 0
 
 

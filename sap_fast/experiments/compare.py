@@ -38,6 +38,9 @@ from .._runtime.forward import progress
 from ..select import lowest_per_class, sample_scores
 from .metrics import KEYS, avg_gap, unlearning_metrics
 
+__all__ = ["SETTINGS", "SETTING_NAMES", "Corrector", "correctors", "Trial", "Outcome", "validation_score",
+           "search", "compare_correctors", "compare_privacy"]
+
 SETTINGS = {"sym10": ("symmetric", 0.10), "sym25": ("symmetric", 0.25), "asym25": ("asymmetric", 0.25)}
 SETTING_NAMES = {"sym10": "symmetric 10%", "sym25": "symmetric 25%", "asym25": "asymmetric 25%"}
 

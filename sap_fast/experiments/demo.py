@@ -18,6 +18,8 @@ from .._runtime.evaluate import evaluate
 from . import digits
 from .metrics import noise_metrics, trusted_set_quality
 
+__all__ = ["run_seed"]
+
 
 def run_seed(seed: int, noise: float = 0.25, trusted: int = 300, alphas=None, *, kind: str = "symmetric",
              epochs: int = 100, retrain: bool = False, cache: Optional[str] = None) -> dict:

@@ -30,6 +30,9 @@ from .._runtime.checks import model_device, run_options
 from .._runtime.evaluate import check_targets, classifier_logits
 from .._runtime.forward import forward_batches
 
+__all__ = ["ATTACKS", "KEYS", "per_sample", "loss_threshold", "mia_efficacy", "unlearning_metrics",
+           "avg_gap", "noise_metrics", "trusted_set_quality"]
+
 ATTACKS = ("loss", "svc")
 KEYS = ("UA", "RA", "TA", "MIA")
 

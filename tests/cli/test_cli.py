@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from sap_fast.cli import main  # noqa: E402
-from support import run_command  # noqa: E402
+from support import benchmark_module, run_command  # noqa: E402
 
 CLASSES = ("cat", "dog", "fox")
 FACTORY = '''
@@ -262,10 +262,12 @@ def test_bench_command_runs_the_suite_that_fits(tmp_path):
     """Ten fresh processes, one per kernel and dtype."""
     run = run_command(BENCH, tmp_path)
     assert run.returncode == 0, run.stderr
-    with open(os.path.join(run.out, "cpu-native.json"), encoding="utf-8") as f:
-        rows = json.load(f)["rows"]
-    assert {r["layer"] for r in rows} == {"tiny.conv3x3", "tiny.conv3x3s2"}
-    assert all("error" not in r["portable"] for r in rows)
+    records = benchmark_module("common").read_results(os.path.join(run.out, "cpu-native.jsonl"))
+    rows = [r for r in records if "layer" in r["parameters"]]
+    assert {r["parameters"]["layer"] for r in rows} == {"tiny.conv3x3", "tiny.conv3x3s2"}
+    assert {r["parameters"]["layer"] for r in rows if r["metric"].startswith("portable")} == {"tiny.conv3x3",
+                                                                                             "tiny.conv3x3s2"}
+    assert all("error" not in r["parameters"] for r in rows if r["metric"].startswith("portable"))
 
 
 @pytest.mark.slow  # a fresh process, as a user starts it

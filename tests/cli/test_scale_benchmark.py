@@ -1,24 +1,35 @@
 """benchmarks/scale.py (``sap-fast correct`` end to end on Clothing1M-shaped trees, per stage) at
 smoke size: ``--quick`` with one tree of 300 images, run as a user runs it, in a fresh process
 that writes into a temporary folder. The numbers mean nothing
-at this size; what is checked is that the script runs the command through, and that its JSON
-holds what the full run reports: the machine, the generation speed, and per run the stages'
+at this size; what is checked is that the script runs the command through, and that its records
+(benchmarks/common.py's schema) hold what the full run reports: the machine, the generation speed, and per run the stages'
 seconds and images per second, the wall time and the peak memory, all as numbers."""
-import json
 import math
 import os
 import sys
 
 import pytest
 
-from support import REPO_ROOT, run_command
+from support import REPO_ROOT, benchmark_module, run_command
+
+common = benchmark_module("common")
 
 pytest.importorskip("PIL")
 
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "scale.py")
 SCALE = [sys.executable, SCRIPT, "--quick", "--sizes", "300", "--trees", os.path.join("{out}", "trees"),
-         "--out", os.path.join("{out}", "scale.json"), "--heartbeat", "0"]
+         "--out", os.path.join("{out}", "scale.jsonl"), "--heartbeat", "0"]
 STAGES = ("scan", "scoring", "statistics", "decomposition", "alpha", "test")
+
+
+def view(rows) -> dict:
+    """One entry's parameters and its measurements' nested view (``settings``, a run, ...)."""
+    settings = {k: v for r in rows for k, v in r["parameters"].items()}
+    tree = common.tree(rows)
+    for key, sub in tree.items():
+        if isinstance(sub, dict) and key in ("settings", "generation"):
+            tree[key] = {**settings, **sub}
+    return {**settings, **tree}
 
 
 def number(value) -> bool:
@@ -30,23 +41,25 @@ def test_quick_run_reports_every_stage_the_wall_time_and_peak_memory_as_numbers(
     run = run_command(SCALE, tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "run 1/1: sap-fast correct on 300 training images" in run.stdout  # progress as it goes
-    with open(os.path.join(run.out, "scale.json"), encoding="utf-8") as f:
-        result = json.load(f)
+    rows = common.read_results(os.path.join(run.out, "scale.jsonl"))
 
-    meta = result["meta"]
-    assert meta["cores"] >= 1 and meta["torch"] and meta["date"] and "scale.py" in meta["command"]
-    assert "cpu_model" in meta
-    settings = result["settings"]
+    first = rows[0]
+    assert common.value(rows, "cores") >= 1 and first["versions"]["torch"] and first["time"]
+    assert "scale.py" in first["command"] and "cpu_model" in first["parameters"]
+    settings = view([r for r in rows if r["metric"].startswith("settings.")])["settings"]
     assert settings["mode"] == "quick" and settings["passes"] == settings["alpha_count"] + 1 == 5
     assert number(settings["startup"]["seconds"]) and settings["startup"]["seconds"] > 0
-    assert settings["model"]["factory"] == "scale_cnn:make" and os.path.isfile(settings["model"]["weights"])
+    assert settings["factory"] == "scale_cnn:make" and os.path.isfile(settings["weights"])  # the model's
 
-    (generated,) = result["generation"]
+    generated = view([r for r in rows if r["metric"].startswith("generation.")])["generation"]
+    assert len({r["parameters"]["root"] for r in rows if r["metric"].startswith("generation.")}) == 1
     assert generated["noisy_train"] == 300 and generated["images"] == 300 + generated["clean_val"] + \
         generated["clean_test"]
     assert number(generated["images_per_second"]) and generated["images_per_second"] > 0
 
-    (row,) = result["runs"]
+    runs = [r for r in rows if "train_images" in r["parameters"]]
+    assert len({r["parameters"]["command_line"] for r in runs}) == 1
+    row = view(runs)
     assert "error" not in row, row.get("error")
     assert row["train_images"] == 300 and row["workers"] == 0 and row["returncode"] == 0
     assert "correct" in row["command"][:4]  # sap-fast correct, or python -m sap_fast correct
@@ -66,4 +79,4 @@ def test_quick_run_reports_every_stage_the_wall_time_and_peak_memory_as_numbers(
     # ru_maxrss of the command (torch alone is over 100 MiB) and the sampled PSS of its tree
     assert number(row["peak_rss_mib"]) and row["peak_rss_mib"] > 50
     assert number(row["peak_tree_pss_mib"]) and row["peak_tree_pss_mib"] >= 0
-    assert "| 300 | 50 / 40 | 0 |" in result["markdown"]
+    assert "| 300 | 50 / 40 | 0 |" in run.stdout  # the table, printed

@@ -22,8 +22,8 @@ def test_a_verdict_passes_fails_or_stays_open_for_a_lower_bound():
 
 def test_every_line_is_on_disk_when_written_and_a_cut_last_line_loses_only_itself(tmp_path):
     from common import JsonLines, verdict
-    log = JsonLines(str(tmp_path / "gram.jsonl"))
-    log.write({"kind": "setup", "device": "NVIDIA H100 80GB HBM3"})
+    log = JsonLines(str(tmp_path / "gram.jsonl"), name="gpu_gram", device="NVIDIA H100 80GB HBM3")
+    log.write({"kind": "setup", "rates_tflops": {"fp64": 51.2}})
     log.write({"kind": "mode", "model": "resnet50", "mode": "fp64", "verdicts": {"gram_vs_floor": verdict(1.2, 1.5)}})
     assert len((tmp_path / "gram.jsonl").read_text().splitlines()) == 2  # no buffering
     log.write({"kind": "skipped", "model": "resnet50", "mode": "bf16", "reason": "out of time"})

@@ -1,4 +1,4 @@
-"""sap_fast.experiments.official: the official SAP algorithm (docs/methods.md#official-sap) as a
+"""benchmarks/official.py: the official SAP algorithm (docs/methods.md#official-sap) as a
 baseline. Without subsampling it equals sap_fast.reference; with it, it keeps the official row caps
 and draws genuine rows across each batch."""
 import pytest
@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from sap_fast import reference
-from sap_fast.experiments.official import official_correct, per_batch_cap
-from support import Attention, Tokens, assert_unchanged, max_weight_rel_err, snapshot, tiny_vit
+from support import Attention, Tokens, assert_unchanged, benchmark_module, max_weight_rel_err, snapshot, tiny_vit
+
+official_correct = benchmark_module("official").official_correct
+per_batch_cap = benchmark_module("official").per_batch_cap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,16 +3,17 @@
 folder. It needs the ``peers`` extra (curvlinops-for-pytorch, backpack-for-pytorch), which the
 test stack does not bring: without it the run test skips, saying so, and the script's own refusal
 is checked instead. The times mean nothing at this size; what is checked is that every peer's
-factor, times its stated normalisation, is sap_fast's Gram, and that the JSON, the table and the
+factor, times its stated normalisation, is sap_fast's Gram, and that the records, the table and the
 plot hold every method."""
 import importlib.util
-import json
 import os
 import sys
 
 import pytest
 
-from support import REPO_ROOT, run_command
+from support import REPO_ROOT, benchmark_module, run_command
+
+common = benchmark_module("common")
 
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "peers.py")
 PEERS = ("curvlinops", "backpack")
@@ -24,13 +25,16 @@ MISSING = [m for m in PEERS if importlib.util.find_spec(m) is None]
                                           "pip install -e '.[peers]'")
 def test_tiny_run_agrees_with_every_peer_and_reports_every_method(tmp_path):
     run = run_command([sys.executable, SCRIPT, "--tiny", "--models", "vgg11", "--repeats", "1", "--no-progress",
-                       "--out", os.path.join("{out}", "peers.json")], tmp_path, env={"OMP_NUM_THREADS": "1"},
+                       "--out", os.path.join("{out}", "peers.jsonl")], tmp_path, env={"OMP_NUM_THREADS": "1"},
                       timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    with open(tmp_path / "peers.json", encoding="utf-8") as f:
-        saved = json.load(f)
-    (result,) = saved["results"]
-    methods = result["methods"]
+    rows = common.read_results(str(tmp_path / "peers.jsonl"))
+    assert {r["parameters"]["model"] for r in rows if "model" in r["parameters"]} == {"vgg11"}
+    model = [r for r in rows if "model" in r["parameters"] and "method" not in r["parameters"]]
+    result = {**{k: v for r in model for k, v in r["parameters"].items()}, **common.tree(model)}
+    names = {r["parameters"]["method"] for r in rows if "method" in r["parameters"]}
+    methods = {m: {**{k: v for r in common.select(rows, method=m) for k, v in r["parameters"].items()},
+                   **common.tree(common.select(rows, method=m))} for m in names}
     assert set(methods) == {"sap_fast fp64", "sap_fast fp32", "unfold fp64", "unfold fp32", "curvlinops forward-only",
                             "curvlinops KFAC", "BackPACK KFAC", "forward", "forward + backward"}
     kinds = set(result["layers"])
@@ -53,15 +57,15 @@ def test_tiny_run_agrees_with_every_peer_and_reports_every_method(tmp_path):
     assert methods["curvlinops KFAC"]["agreement_fp32_model"]["linear"]["factor"] == n
     assert methods["curvlinops KFAC"]["agreement_fp32_model"]["conv 3×3"]["factor"] == [n * 2 * 2, n * 32 * 32]
     for method in methods:
-        assert f"| {method} |" in saved["markdown"]
+        assert f"| {method} |" in run.stdout  # the table, printed
     assert (tmp_path / "peers.png").stat().st_size > 0
 
 
 def test_without_the_peers_the_script_says_what_to_install(tmp_path):
     """A stand-in curvlinops that cannot be imported: exit status 2 and one line naming the extra."""
     (tmp_path / "curvlinops.py").write_text("raise ImportError('not installed')\n")
-    run = run_command([sys.executable, SCRIPT, "--tiny", "--out", os.path.join("{out}", "peers.json")], tmp_path,
+    run = run_command([sys.executable, SCRIPT, "--tiny", "--out", os.path.join("{out}", "peers.jsonl")], tmp_path,
                       env={"PYTHONPATH": os.pathsep.join([str(tmp_path), REPO_ROOT])}, timeout=120)
     assert run.returncode == 2
     assert "curvlinops-for-pytorch" in run.stderr and ".[peers]" in run.stderr
-    assert not (tmp_path / "peers.json").exists()
+    assert not (tmp_path / "peers.jsonl").exists()

@@ -1,4 +1,4 @@
-"""sap_fast.experiments.zoo: ResNet-50 v1.5 and ViT-B/16 in torchvision's layout (names,
+"""benchmarks/zoo.py: ResNet-50 v1.5 and ViT-B/16 in torchvision's layout (names,
 parameter counts, forwards) and their per-layer cost census, whose totals are the ones tabulated in
 docs/cost-census.md and whose rows equal sap_fast.reference's representations."""
 import math
@@ -10,8 +10,9 @@ from torch import nn
 
 from sap_fast import reference
 from sap_fast.targets import select_targets
-from sap_fast.experiments import zoo as bm
-from support import tiny_vit
+from support import benchmark_module, tiny_vit
+
+bm = benchmark_module("zoo")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,12 +34,12 @@ def vit_meta():
 def test_parameter_counts_and_source(r50, vit_meta):
     assert sum(p.numel() for p in r50.parameters()) == R50_PARAMS
     assert sum(p.numel() for p in vit_meta.parameters()) == VIT_PARAMS
-    assert r50.bench_source == vit_meta.bench_source == "sap_fast.experiments.zoo"
+    assert r50.bench_source == vit_meta.bench_source == "benchmarks/zoo.py"
     try:
         import torchvision  # noqa: F401
         expected = "torchvision"
     except Exception:
-        expected = "sap_fast.experiments.zoo"
+        expected = "benchmarks/zoo.py"
     assert bm.build("ViT-B/16", device="meta").bench_source == expected
     with pytest.raises(ValueError, match="unknown model"):
         bm.build("resnet18")

@@ -1,5 +1,9 @@
 """The OFFICIAL SAP code's algorithm, re-implemented as the slow baseline of the GPU benchmarks.
 
+It lives in ``benchmarks/``, beside the scripts that time ``sap_fast`` against it, and is not part of
+the installed package: from a checkout, ``sys.path.insert(0, "benchmarks"); from official import
+official_correct``.
+
 What github.com/sangamesh-kodge/SAP does (read in its Verifix copy, the same code; utils.py:
 ``get_representation_matrix_mislabeled``, ``get_SVD``, ``get_scaled_feature_mat``,
 ``get_projections``; models/model_utils.py, models/vit.py) with projection location "pre" and
@@ -58,9 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import reference as _ref
-from ..targets import CONV_TYPES, all_targets
-from ..capture import heads_before_out_proj
+from sap_fast import reference as _ref
+from sap_fast.capture import heads_before_out_proj
+from sap_fast.targets import CONV_TYPES, all_targets
 
 __all__ = ["official_correct", "OfficialResult", "importance", "per_batch_cap"]
 

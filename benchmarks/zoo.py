@@ -14,7 +14,7 @@ initialisation:
   ``encoder.ln``, ``heads.head``. 85,809,422 parameters with 14 classes.
 
 :func:`build` returns torchvision's model where torchvision imports (the GPU machine) and ours
-otherwise; ``model.bench_source`` says which ("torchvision" or "sap_fast.experiments.zoo").
+otherwise; ``model.bench_source`` says which ("torchvision" or "benchmarks/zoo.py").
 
 :func:`census` lists, per layer SAP covers (``sap_fast.targets.select_targets``), the
 width d, rows per sample L, and the Gram cost per sample (L·d² MACs, L·d(d+1)/2 for the
@@ -41,13 +41,13 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..targets import CONV_TYPES, select_targets
+from sap_fast.targets import CONV_TYPES, select_targets
 
 __all__ = ["resnet50", "vit_b_16", "build", "census", "shift_macs", "Census", "LayerCensus", "MODELS",
            "Bottleneck", "ResNet", "VisionTransformer", "EncoderBlock", "Encoder"]
 
 MODELS = ("resnet50", "vit_b_16")
-OURS = "sap_fast.experiments.zoo"
+OURS = "benchmarks/zoo.py"
 
 
 # -- ResNet-50 (torchvision layout, v1.5) --------------------------------------------------------
@@ -241,7 +241,7 @@ def build(name: str, num_classes: int = 14, prefer_torchvision: bool = True, *,
     """``resnet50`` or ``vit_b_16`` (dashes/underscores optional), randomly initialised.
 
     torchvision's builder when ``prefer_torchvision`` and torchvision imports, ours otherwise;
-    ``model.bench_source`` is ``"torchvision"`` or ``"sap_fast.experiments.zoo"``. ``device``
+    ``model.bench_source`` is ``"torchvision"`` or ``"benchmarks/zoo.py"``. ``device``
     builds the parameters there directly (``"meta"`` for a free, shape-only model).
     ``random_head``: a zero-initialised classifier (torchvision's ViT) is re-drawn with
     ``nn.Linear``'s default initialisation, whichever the source, so logits and projected heads
