@@ -36,6 +36,9 @@ from .capture import Capture
 from .stats import LayerStats, Stats
 from .targets import CONV_TYPES, Target, select_targets
 
+__all__ = ["CHUNK_ELEMENTS", "collect", "collect_stats", "conv_row_chunks", "first_non_finite",
+           "kernel_call", "linear_row_chunks", "row_chunks"]
+
 CHUNK_ELEMENTS = 1 << 23  # default chunk: 8M elements (64 MB in float64)
 
 

@@ -28,6 +28,9 @@ import torch
 from . import backends
 from .stats import LayerStats
 
+__all__ = ["LayerSolve", "check_infos", "normalise", "prepare", "solved_weight"]
+
+
 @dataclass
 class LayerSolve:
     """What one layer's solve needs at any α, float64.

@@ -16,6 +16,8 @@ from ._runtime.checks import resolve_group
 from .backends.update import importance
 from .stats import LayerStats, Stats
 
+__all__ = ["LayerSpectrum", "decompose", "importance", "layer_spectrum", "spectra"]
+
 
 @dataclass
 class LayerSpectrum:
