@@ -4,10 +4,11 @@ statistics pass runs for the same call, on the convs the shift kernel does not s
     python benchmarks/cpu_conv_gram.py [--runs 5] [--threads 2] [--tiny]
                                        [--out benchmarks/results/cpu-conv-gram.jsonl]
 
-The statistics pass routes strided convs and 1×1 convs on the CPU to the portable path
-(``Tensor.unfold`` rows in chunks of 8M elements, one GEMM each: ``sap_fast.accumulate``'s
-``conv_row_chunks`` and ``LayerStats.add``); ``conv_gram`` gathers rows tile by tile (1M
-elements) and never holds the unfolded chunk. Both form the float64 Gram of float32 post-ReLU
+The portable path streams ``Tensor.unfold`` rows in chunks of 8M elements, one GEMM each
+(``sap_fast.accumulate``'s ``conv_row_chunks`` and ``LayerStats.add``); ``conv_gram`` gathers
+rows tile by tile (1M elements) and never holds the unfolded chunk. These results set the gram
+stage's CPU rule (``sap_fast/backends/gram.py``, implementation ``direct``): strided convs with a
+kernel larger than 1 go to ``conv_gram``, 1×1 convs stream rows. Both form the float64 Gram of float32 post-ReLU
 inputs, in one process, alternating, the best of ``--runs`` runs each. Peak memory: the rise of
 the process's peak resident set over its resident set before the call (``VmHWM`` reset through
 ``/proc/self/clear_refs``; freed memory handed back with ``malloc_trim`` before each call and

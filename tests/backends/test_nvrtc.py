@@ -104,7 +104,7 @@ def test_the_cupy_choice_and_its_fallbacks():
     assert route(choice="cupy", cupy_ok=False, triton_ok=False) is None
     assert route(choice="cuda") == "cupy"                          # the same kernel, NVRTC-built
     assert route(choice="triton") == "triton"
-    assert route(choice="triton", triton_ok=False) is None         # as before: rows, not cupy
+    assert route(choice="triton", triton_ok=False) is None         # rows, not cupy
     assert route(choice="shift", shift_pays=True) == "torch-shift"
     assert route(choice="shift", shift_pays=False) == "cupy"
 
