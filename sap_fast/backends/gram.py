@@ -211,34 +211,28 @@ def _others_selected(call: GramCall, me: str) -> List[str]:
     return out
 
 
-def _cuda_reasons(call: GramCall) -> List[str]:
-    out = _gpu_exact(call, "the CMake-built CUDA kernel")
+def _cuda_kernel_reasons(call: GramCall, me: str, what: str) -> List[str]:
+    """Reasons of the CUDA conv Gram kernel, CMake-built (``me="cuda"``) or NVRTC-built (``"cupy"``)."""
+    out = _gpu_exact(call, what)
     if call.device_type == "cuda":
-        out += _others_selected(call, "cuda")
+        out += _others_selected(call, me)
     if out:
         return out
-    why = call.installed.native_cuda()
+    why = call.installed.native_cuda() if me == "cuda" else call.installed.cupy()
     if why:
         return [why]
-    if call.choice == "cupy" and call.installed.cupy() is None:
+    if me == "cuda" and call.choice == "cupy" and call.installed.cupy() is None:
         return ["SAP_FAST_GRAM_KERNEL=cupy selects the NVRTC build"]
-    if call.geometry is not None and conv_launch.cuda_limits(call.geometry):
-        return [conv_launch.cuda_limits(call.geometry)]
-    return []
+    limits = conv_launch.cuda_limits(call.geometry) if call.geometry is not None else None
+    return [limits] if limits else []
+
+
+def _cuda_reasons(call: GramCall) -> List[str]:
+    return _cuda_kernel_reasons(call, "cuda", "the CMake-built CUDA kernel")
 
 
 def _cupy_reasons(call: GramCall) -> List[str]:
-    out = _gpu_exact(call, "the NVRTC build of the CUDA kernel")
-    if call.device_type == "cuda":
-        out += _others_selected(call, "cupy")
-    if out:
-        return out
-    why = call.installed.cupy()
-    if why:
-        return [why]
-    if call.geometry is not None and conv_launch.cuda_limits(call.geometry):
-        return [conv_launch.cuda_limits(call.geometry)]
-    return []
+    return _cuda_kernel_reasons(call, "cupy", "the NVRTC build of the CUDA kernel")
 
 
 def _triton_modes(call: GramCall) -> List[str]:
@@ -280,18 +274,16 @@ def _interpreter_asked(call: GramCall) -> bool:
     return call.device_type == "cpu" and call.choice == "triton" and call.installed.triton("cpu") is None
 
 
-def _shift_reasons(call: GramCall) -> List[str]:
+def _cpu_native_reasons(call: GramCall, what: str, layer: Optional[str], dtypes: Optional[str]) -> List[str]:
+    """Reasons shared by the C++ CPU kernels (shift, direct): ``layer`` and ``dtypes`` are why
+    this call's layer or dtypes are not theirs (None: they are)."""
     if call.device_type != "cpu":
-        return [f"the C++ shift kernel runs on CPU tensors, not {call.device_type}"]
-    out = []
-    if not call.conv:
-        out.append("linear layers: a GEMM on the streamed rows")
-    elif not call.stride_one:
-        out.append("not a stride-1 conv with a kernel larger than 1")
+        return [f"the C++ {what} kernel runs on CPU tensors, not {call.device_type}"]
+    out = ["linear layers: a GEMM on the streamed rows"] if not call.conv else [layer] if layer else []
     if call.input_precision != "fp32":
         out.append(f"input_precision={call.input_precision}: the rounded rows stream")
-    if call.x_dtype not in _KERNEL_DTYPES:
-        out.append(f"{call.x_dtype} inputs: the kernels read float32/float64")
+    if dtypes:
+        out.append(dtypes)
     if out:
         return out
     why = call.installed.native_cpu()
@@ -300,29 +292,21 @@ def _shift_reasons(call: GramCall) -> List[str]:
     if _interpreter_asked(call):
         return ["SAP_FAST_GRAM_KERNEL=triton selects Triton's interpreter (TRITON_INTERPRET=1)"]
     return []
+
+
+def _shift_reasons(call: GramCall) -> List[str]:
+    return _cpu_native_reasons(
+        call, "shift", None if call.stride_one else "not a stride-1 conv with a kernel larger than 1",
+        None if call.x_dtype in _KERNEL_DTYPES else f"{call.x_dtype} inputs: the kernels read float32/float64")
 
 
 def _direct_reasons(call: GramCall) -> List[str]:
-    if call.device_type != "cpu":
-        return [f"the C++ direct kernel serves CPU tensors here, not {call.device_type}"]
-    out = []
-    if not call.conv:
-        out.append("linear layers: a GEMM on the streamed rows")
-    elif not call.strided:
-        out.append("not a strided conv with a kernel larger than 1 (there the rows' GEMM or the shift "
-                   "kernel is faster)")
-    if call.input_precision != "fp32":
-        out.append(f"input_precision={call.input_precision}: the rounded rows stream")
-    if call.x_dtype != torch.float32 or call.dtype != torch.float64:
-        out.append("it serves float32 inputs into a float64 Gram (elsewhere the rows' GEMM is faster)")
-    if out:
-        return out
-    why = call.installed.native_cpu()
-    if why:
-        return [why]
-    if _interpreter_asked(call):
-        return ["SAP_FAST_GRAM_KERNEL=triton selects Triton's interpreter (TRITON_INTERPRET=1)"]
-    return []
+    return _cpu_native_reasons(
+        call, "direct",
+        None if call.strided else ("not a strided conv with a kernel larger than 1 (there the rows' GEMM "
+                                   "or the shift kernel is faster)"),
+        None if (call.x_dtype, call.dtype) == (torch.float32, torch.float64) else
+        "it serves float32 inputs into a float64 Gram (elsewhere the rows' GEMM is faster)")
 
 
 def _interpreter_reasons(call: GramCall) -> List[str]:

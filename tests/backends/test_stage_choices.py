@@ -14,8 +14,10 @@ from torch import nn
 
 import sap_fast
 from sap_fast.backends import dispatch, gram, info, linalg, native, update
-from sap_fast.backends.dispatch import Implementation, Stage
+from sap_fast.backends.dispatch import Stage
 from sap_fast.cli import main as cli_main
+
+from .triton_support import update_stage_that_fails_to_compile
 
 STAGE_HOMES = {"gram": (gram, "GRAM"), "eigh": (linalg, "EIGH"), "cholesky": (linalg, "CHOLESKY"),
                "update": (update, "UPDATE")}
@@ -116,14 +118,8 @@ def test_a_compile_failure_is_reported_as_a_reason_and_the_next_implementation_r
     """The chooser's own compile fallback: the failing implementation is skipped from then on,
     with why among its reasons, and the reported choice moves on with it."""
     from sap_fast.backends import triton as triton_backend
-    OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
     monkeypatch.setattr(triton_backend, "_BROKEN", {})
-
-    def refused(inputs):
-        raise OutOfResources(300000, 232448, "shared memory")
-
-    stage = Stage("update", (Implementation("triton", "triton", lambda c: [], refused, triton_kernel="update"),
-                             Implementation("torch", "torch", lambda c: [], lambda c: "torch")))
+    stage = update_stage_that_fails_to_compile()
     with pytest.warns(RuntimeWarning, match="Triton update kernel does not compile here"):
         assert dispatch.call(stage, None) == "torch"
     chosen, skipped = dispatch.choose(stage, None)

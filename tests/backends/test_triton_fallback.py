@@ -12,7 +12,8 @@ from torch import nn
 import sap_fast
 from sap_fast.backends import dispatch
 from sap_fast.backends import triton as triton_backend
-from sap_fast.backends.dispatch import Implementation, Stage
+
+from .triton_support import update_stage_that_fails_to_compile
 
 tl_gram = pytest.importorskip("sap_fast.backends.triton.gram")
 OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
@@ -95,11 +96,7 @@ def test_an_error_of_a_kernel_that_compiled_is_not_hidden(fresh_kernels, monkeyp
 def test_the_update_kernel_falls_back_the_same_way(fresh_kernels):
     """The update stage's chooser: a Triton implementation that fails to compile (its kernel
     stood in by one that raises as ptxas does) falls through to torch."""
-    def refused(inputs):
-        raise OutOfResources(300000, 232448, "shared memory")
-
-    stage = Stage("update", (Implementation("triton", "triton", lambda inputs: [], refused, triton_kernel="update"),
-                             Implementation("torch", "torch", lambda inputs: [], lambda inputs: "torch")))
+    stage = update_stage_that_fails_to_compile()
     with pytest.warns(RuntimeWarning, match="Triton update kernel does not compile here .*using torch matmuls"):
         assert dispatch.call(stage, None) == "torch"
     assert "update" in fresh_kernels and triton_backend.compiled("update") is None

@@ -30,3 +30,17 @@ def kernel_module(name: str) -> Tuple[object, List[str]]:
                "the environment)" if os.environ.get("TRITON_INTERPRET") == "1" else "TRITON_INTERPRET is not 1")
         pytest.skip(f"no CUDA and no Triton interpreter: {why}", allow_module_level=True)
     return module, devices
+
+
+def update_stage_that_fails_to_compile():
+    """An update stage whose Triton implementation fails as ptxas does (out of shared memory)
+    ahead of a torch one that returns ``"torch"``: the chooser's compile fallback under test."""
+    from sap_fast.backends.dispatch import Implementation, Stage
+
+    OutOfResources = pytest.importorskip("triton.runtime.errors").OutOfResources
+
+    def refused(inputs):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    return Stage("update", (Implementation("triton", "triton", lambda inputs: [], refused, triton_kernel="update"),
+                            Implementation("torch", "torch", lambda inputs: [], lambda inputs: "torch")))
