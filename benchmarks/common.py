@@ -406,3 +406,30 @@ def add_lease_arguments(parser, official_seconds: float = 120.0) -> None:
                         help="seconds this run may take; items that would not fit are skipped and said so "
                              "(also SAP_FAST_DEADLINE, an epoch time)")
     parser.add_argument("--jsonl", help="also write every measurement as one JSON line, flushed as it is made")
+
+
+class PlainBar:
+    """What a benchmark's tqdm bar does, without tqdm or with the bar off: ``write`` prints,
+    the rest does nothing."""
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
+    """A tqdm bar (on stderr) over ``total`` steps, or a :class:`PlainBar` without tqdm or when
+    not ``enabled``."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return PlainBar()
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) if enabled else PlainBar()

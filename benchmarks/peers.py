@@ -55,7 +55,7 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from common import write_results  # noqa: E402
+from common import progress_bar, write_results  # noqa: E402
 
 import sap_fast  # noqa: E402
 
@@ -449,26 +449,7 @@ def run_model(name: str, tiny: bool, repeats: int, progress: bool = True) -> dic
 
 def _bar(total: int, name: str, enabled: bool):
     """A tqdm bar over one model's methods (on stderr), or a stand-in that only prints."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None and enabled:
-        return tqdm(total=total, desc=name, unit="method", dynamic_ncols=True)
-
-    class Plain:
-        def write(self, text):
-            print(text, flush=True)
-
-        def set_postfix_str(self, text):
-            pass
-
-        def update(self):
-            pass
-
-        def close(self):
-            pass
-    return Plain()
+    return progress_bar(total, name, "method", enabled)
 
 
 # ---- tables and the plot ----------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
-from common import write_results  # noqa: E402
+from common import progress_bar, write_results  # noqa: E402
 
 NETWORK = '''"""A small CNN for 224x224 RGB images and Clothing1M's 14 classes (benchmarks/sweep_cache.py)."""
 import torch
@@ -65,23 +65,8 @@ def say(text: str = "", bar=None) -> None:
 
 
 def _bar(total: int, enabled: bool):
-    """A tqdm bar over the runs (on stderr), or None."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="sweep runs", unit="run", dynamic_ncols=True) if enabled else _NoBar()
-
-
-class _NoBar:
-    def set_postfix_str(self, text):
-        pass
-
-    def update(self):
-        pass
-
-    def close(self):
-        pass
+    """A tqdm bar over the runs (on stderr), or a stand-in that only prints."""
+    return progress_bar(total, "sweep runs", "run", enabled)
 
 
 def plot(rows: list, path: str, title: str):

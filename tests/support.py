@@ -184,3 +184,17 @@ def run_command(argv, out, env=None, timeout: float = 600):
     run = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
     run.out = out
     return run
+
+
+def model_factory(*extra: str) -> str:
+    """The source of a tiny factory module for ``--model module:function`` in the CLI tests:
+    ``make(outputs=3)``, a seeded conv + linear net, plus ``extra`` definitions."""
+    return '''
+import torch
+from torch import nn
+
+def make(outputs=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(24, outputs))
+''' + "".join("\n" + e for e in extra)

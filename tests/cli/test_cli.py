@@ -19,21 +19,10 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from sap_fast.cli import main  # noqa: E402
-from support import benchmark_module, run_command  # noqa: E402
+from support import benchmark_module, model_factory, run_command  # noqa: E402
 
 CLASSES = ("cat", "dog", "fox")
-FACTORY = '''
-import torch
-from torch import nn
-
-def make(outputs=3):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                         nn.Flatten(), nn.Linear(24, outputs))
-
-def make_two():
-    return make(2)
-'''
+FACTORY = model_factory("def make_two():\n    return make(2)\n")
 
 
 @pytest.fixture(scope="module")

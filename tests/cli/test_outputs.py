@@ -22,19 +22,9 @@ import sap_fast  # noqa: E402
 from sap_fast._runtime import io  # noqa: E402
 from sap_fast.cli import main  # noqa: E402
 from sap_fast.experiments.clothing1m import write_tree  # noqa: E402
+from support import model_factory  # noqa: E402
 
-FACTORY = '''
-import torch
-from torch import nn
-
-def make(outputs=3):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                         nn.Flatten(), nn.Linear(24, outputs))
-
-def make14():
-    return make(14)
-'''
+FACTORY = model_factory("def make14():\n    return make(14)\n")
 KILLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "final_write_kills.py")
 RESULT = {"corrected.safetensors", "report.json", "trusted.pt"}
 REAL_SAMPLE_SCORES = sap_fast.sample_scores
