@@ -7,8 +7,9 @@ its reasons for not serving a call (:mod:`.dispatch`); :func:`sap_fast.backend_i
 ``sap-fast info`` print each stage's choice and every skipped implementation's reasons from the
 same choosers.
 
-- :mod:`.gram`: the gram stage (C++ shift-correlation on the CPU; the CUDA and Triton
-  implicit-im2col kernels and the torch shift form on a GPU; streamed rows otherwise);
+- :mod:`.gram`: the gram stage (the C++ shift-correlation and implicit-im2col kernels on the
+  CPU; the CUDA and Triton implicit-im2col kernels and the torch shift form on a GPU; streamed
+  rows otherwise);
 - :mod:`.linalg`: the eigh and cholesky stages; :mod:`.update`: the update stage;
 - :mod:`.dispatch`: implementations, stages, the chooser and the Triton compile fallback;
 - :mod:`.geometry`: the conv Gram geometry record every Gram kernel takes, and its one check;
