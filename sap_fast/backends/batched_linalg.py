@@ -38,8 +38,7 @@ from . import cupy_runtime
 from .switches import switch
 
 __all__ = ["CHOICES", "MAX_JACOBI_SIZE", "eigh_choice", "cholesky_choice", "load", "eigh_reasons",
-           "cholesky_reasons", "eigh_route", "cholesky_route", "use_for_eigh", "use_for_cholesky",
-           "syevj_batched", "potrf_batched", "on_stream", "eigh", "cholesky_ex", "check_info"]
+           "cholesky_reasons", "eigh_route", "cholesky_route", "syevj_batched", "potrf_batched", "on_stream", "eigh", "cholesky_ex", "check_info"]
 
 CHOICES = ("auto", "cupy")
 MAX_JACOBI_SIZE = 32  # syevjBatched's limit on n
@@ -121,18 +120,6 @@ def eigh_route(device_type: str, n: int, choice: str, cupy_ok: bool) -> str:
 def cholesky_route(device_type: str, choice: str, cupy_ok: bool) -> str:
     """``"cupy"`` (potrfBatched) or ``"default"`` (``torch.linalg.cholesky_ex``)."""
     return "default" if cholesky_reasons(device_type, choice, lambda: None if cupy_ok else "no cupy") else "cupy"
-
-
-def use_for_eigh(gram: torch.Tensor) -> bool:
-    """Whether :func:`eigh` serves this Gram batch (never unless ``SAP_FAST_BATCHED_EIGH=cupy``:
-    with the default, cupy is not even imported)."""
-    return not eigh_reasons(gram.device.type, gram.shape[-1], eigh_choice(), dtype=gram.dtype)
-
-
-def use_for_cholesky(m: torch.Tensor) -> bool:
-    """Whether :func:`cholesky_ex` serves this batch (never unless
-    ``SAP_FAST_BATCHED_CHOLESKY=cupy``)."""
-    return not cholesky_reasons(m.device.type, cholesky_choice(), dtype=m.dtype)
 
 
 # -- argument handling -------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import torch
 from . import conv_launch, dispatch, nvrtc, shift, triton
 from .dispatch import Implementation, Stage
 from .geometry import ConvGeometry
-from .native import forced_portable, load as load_native, native
+from .native import why_not as native_why_not
 from .precision import kernel_mode
 from .switches import SWITCHES, switch
 
@@ -76,15 +76,10 @@ class _Installed:
     reaches it): why each cannot run, or None."""
 
     def native_cpu(self) -> Optional[str]:
-        if forced_portable():
-            return "SAP_FAST_BACKEND=portable"
-        return load_native()[1]
+        return native_why_not()
 
     def native_cuda(self) -> Optional[str]:
-        why = self.native_cpu()
-        if why is None and not native().build_info()["cuda"]:
-            why = "the native extension sap_fast._C was built without its CUDA kernels"
-        return why
+        return native_why_not(cuda=True)
 
     def cupy(self) -> Optional[str]:
         return nvrtc.load()[1]

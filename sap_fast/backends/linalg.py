@@ -21,7 +21,7 @@ import torch
 
 from . import batched_linalg, dispatch
 from .dispatch import Implementation, Stage
-from .native import forced_portable, load as load_native, native
+from .native import why_not as native_why_not
 
 __all__ = ["EIGH", "CHOLESKY", "LinalgCall", "eigh", "cholesky_ex", "eigh_call", "cholesky_call"]
 
@@ -65,14 +65,8 @@ def _call(t, device_type, n, dtype, choice) -> LinalgCall:
 def _native_cuda_reasons(call: LinalgCall) -> List[str]:
     if call.device_type != "cuda":
         return [f"the CMake-built cuSOLVER op runs on CUDA tensors, not {call.device_type}"]
-    if forced_portable():
-        return ["SAP_FAST_BACKEND=portable"]
-    why = load_native()[1]
-    if why:
-        return [why]
-    if not native().build_info()["cuda"]:
-        return ["the native extension sap_fast._C was built without its CUDA kernels"]
-    return []
+    why = native_why_not(cuda=True)
+    return [why] if why else []
 
 
 EIGH = Stage("eigh", (

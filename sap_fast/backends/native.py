@@ -13,7 +13,7 @@ from typing import Optional
 
 from .switches import SWITCHES, switch
 
-__all__ = ["BACKENDS", "forced_portable", "load", "native", "native_cuda"]
+__all__ = ["BACKENDS", "forced_portable", "load", "native", "native_cuda", "why_not"]
 
 log = logging.getLogger("sap_fast")
 BACKENDS = SWITCHES["SAP_FAST_BACKEND"][0]
@@ -43,6 +43,17 @@ def native() -> Optional[object]:
     if forced_portable():
         return None
     return load()[0]
+
+
+def why_not(cuda: bool = False) -> Optional[str]:
+    """Why the extension's ops (with ``cuda``: its CUDA kernels) cannot serve here, or None:
+    the reason the stages' choosers print."""
+    if forced_portable():
+        return "SAP_FAST_BACKEND=portable"
+    why = load()[1]
+    if why is None and cuda and not load()[0].build_info()["cuda"]:
+        why = "the native extension sap_fast._C was built without its CUDA kernels"
+    return why
 
 
 def native_cuda() -> bool:

@@ -40,7 +40,7 @@ from .geometry import SHAPE_DTYPE, SHAPE_FIELDS, ConvGeometry  # noqa: F401
 
 __all__ = ["PACKAGE_SOURCE_DIR", "CHECKOUT_SOURCE_DIR", "tile_kernel_name", "dmma_kernel_name",
            "mirror_kernel_name", "source_dirs", "source_path", "read_source", "nvrtc_version", "load",
-           "available", "CompileError", "gpu_arch", "compile_source", "ConvGramShape", "conv_gram_shape",
+           "available", "CompileError", "gpu_arch", "compile_source", "conv_gram_shape",
            "cuda_limits", "kernel_name", "launch", "conv_gram", "struct_fields_in", "default_tiling_in"]
 
 # -- the sources ---------------------------------------------------------------------------------
@@ -208,16 +208,12 @@ def _module(name: str):
 
 # -- the launch, from the plan -------------------------------------------------------------------
 
-#: The record the kernels take by value (``ConvGramShape`` in the .cuh).
-ConvGramShape = ConvGeometry
-
-
 def kernel_name(plan: LaunchPlan, x_dtype: torch.dtype) -> str:
     """The name expression of the plan's tile kernel for input ``x_dtype``."""
     return dmma_kernel_name(x_dtype) if plan.dmma else tile_kernel_name(x_dtype, plan.acc_dtype)
 
 
-def launch(cp, module, x: torch.Tensor, gram: torch.Tensor, shape: ConvGramShape, plan: LaunchPlan,
+def launch(cp, module, x: torch.Tensor, gram: torch.Tensor, shape: ConvGeometry, plan: LaunchPlan,
            stream) -> None:
     """Queue the plan's tile kernel, then the mirror, on ``stream`` (a cupy stream): ``gram``
     must be zeroed (the tiles add into it) and of the plan's accumulation dtype, ``x``

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import sap_fast
-from sap_fast.backends import batched_linalg, conv_launch, cupy_runtime, nvrtc
+from sap_fast.backends import batched_linalg, conv_launch, cupy_runtime, linalg, nvrtc
 from sap_fast.backends import gram as gram_backend
 from sap_fast.backends.gram import route as gram_route
 from support import CONV_CASES, conv_case, rel_err, unfold_gram
@@ -602,10 +602,12 @@ def test_by_default_nothing_asks_for_cupy(monkeypatch):
     monkeypatch.setattr(cupy_runtime, "load", boom)
     monkeypatch.delenv("SAP_FAST_BATCHED_EIGH", raising=False)
     monkeypatch.delenv("SAP_FAST_BATCHED_CHOLESKY", raising=False)
-    assert not batched_linalg.use_for_eigh(torch.eye(3).expand(4, 3, 3))
-    assert not batched_linalg.use_for_cholesky(torch.eye(3).expand(4, 3, 3))
+    batch = torch.eye(3).expand(4, 3, 3)
+    # the cupy implementations' reasons, as the eigh and cholesky stages ask them
+    assert linalg.EIGH["cupy-syevj"].not_supported_reasons(linalg.eigh_call(batch))
+    assert linalg.CHOLESKY["cupy-potrf"].not_supported_reasons(linalg.cholesky_call(batch))
     monkeypatch.setenv("SAP_FAST_BATCHED_EIGH", "cupy")
-    assert not batched_linalg.use_for_eigh(torch.eye(3).expand(4, 3, 3))  # a CPU tensor
+    assert linalg.EIGH["cupy-syevj"].not_supported_reasons(linalg.eigh_call(batch))  # a CPU tensor
 
 
 class HostCusolver:
