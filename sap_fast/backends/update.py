@@ -50,14 +50,13 @@ class UpdateCall:
 def _triton_reasons(call: UpdateCall) -> List[str]:
     if call.device_type != "cuda":
         return [f"the fused update runs on CUDA tensors, not {call.device_type}"]
-    if triton.compiled("update") is None:
-        return [triton.why_not("update", "cuda") or "the Triton update kernel is off in this process"]
-    return []
+    why = triton.why_not("update", "cuda")
+    return [why] if why else []
 
 
 def _run_triton(call: UpdateCall) -> torch.Tensor:
-    return triton.compiled("update").scaled_update(call.weight, call.wu, call.basis, call.eigvals, call.alpha,
-                                                    full=call.full)
+    return triton.load("update")[0].scaled_update(call.weight, call.wu, call.basis, call.eigvals, call.alpha,
+                                                  full=call.full)
 
 
 def _run_torch(call: UpdateCall) -> torch.Tensor:

@@ -8,7 +8,8 @@ oracle for its tests. Importing this package imports no kernel module (nor Trito
 ``sap_fast`` never needs Triton; :func:`load` does, once.
 
 What happens when Triton cannot run (each stage's chooser, :mod:`..dispatch`, reads
-:func:`why_not` among the Triton implementation's reasons and picks the next implementation):
+:func:`why_not` and :func:`broken` among the Triton implementation's reasons and picks the next
+implementation):
 
 - Triton missing or failing to import: :func:`load` says why, and the Gram stage streams rows on
   the portable path (or uses the CUDA kernels where they serve the call), the update stage runs
@@ -75,23 +76,24 @@ def load(name: str):
 
 def compiled(name: str):
     """The kernel module when it can run compiled (a GPU, not forced portable, and the kernel
-    has not failed to compile in this process), else None."""
-    return None if why_not(name, "cuda") else load(name)[0]
+    has not failed to compile in this process), else None: :func:`for_device` on ``"cuda"``."""
+    return for_device(name, "cuda")
 
 
 def for_device(name: str, device_type: str):
     """The kernel module to run on tensors of ``device_type``: :func:`compiled` on a GPU; on the
     CPU the module only while Triton's interpreter runs (``TRITON_INTERPRET=1``), and only for
-    the callers that ask for it by name (the Gram stage with ``SAP_FAST_GRAM_KERNEL=triton``)."""
-    return None if why_not(name, device_type) else load(name)[0]
+    the callers that ask for it by name (the Gram stage with ``SAP_FAST_GRAM_KERNEL=triton``);
+    None once the kernel has failed to compile in this process (:func:`broken`)."""
+    return None if broken(name) or why_not(name, device_type) else load(name)[0]
 
 
 def why_not(name: str, device_type: str) -> Optional[str]:
-    """Why kernel module ``name`` cannot run on tensors of ``device_type`` (one line), or None."""
+    """Why kernel module ``name`` cannot run on tensors of ``device_type`` (one line), or None.
+    A kernel that failed to compile here is not among these: the chooser adds :func:`broken` to
+    the reasons of every Triton implementation (:mod:`..dispatch`)."""
     if forced_portable():
         return "SAP_FAST_BACKEND=portable"
-    if name in _BROKEN:
-        return _BROKEN[name]
     if device_type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device (torch.cuda.is_available() is False)"
